@@ -1,0 +1,135 @@
+"""What a policy is: a small set of numba functions over its own state arrays.
+
+A policy never sees the cache directly. The controller (tracekit.replay.controller) owns
+residency, slots and the prefetch queue, and calls the policy at these points:
+
+  make_state(ctx)                      -> tuple of numpy arrays  (Python; raise NotApplicable)
+  on_access(st, l, e, hit, now, nxt)   a request for expert e at layer l (after insertion on a miss)
+  on_insert(st, l, e, now)             e became resident at layer l (demand or prefetch)
+  on_evict(st, l, e)                   e left layer l's cache
+  victim(st, l, cand) -> e             pick an expert to evict among cand[e] == 1   (cand: int8[E])
+  observe(st, l, ex, hid)              a token finished layer l with experts ex (int16[K]) and hidden hid (float32[D] or [0])
+  predict(st, l, ex, hid, out) -> n    write n rows (dstep, layer, expert) into out (int64[M, 3]):
+                                       "expert will be needed at layer `layer` of step+dstep" (dstep 0 or 1)
+
+`now` is the global request index; `nxt` the global index of the next request of (l, e), or NEVER.
+The replay engine and the live executor both drive these same functions through the controller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from numba import njit
+
+NEVER = np.int64(1) << np.int64(62)
+
+
+class NotApplicable(Exception):
+    """The policy cannot run on this trace (e.g. it needs hidden states the trace lacks)."""
+
+
+@dataclass
+class PolicyContext:
+    num_layers: int          # L
+    num_experts: int         # E
+    capacity: int            # C slots per layer
+    top_k: int               # K
+    hidden_dim: int          # D (0 when the trace has no hidden states)
+    hidden_kind: str         # none | full | proj:N
+    router: np.ndarray | None   # [L, E, H] float32 or None
+    depth: int = 0           # prefetch depth per token and layer (0: top_k)
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    kind: str                # "demand" | "prefetch" | "oracle"
+    summary: str
+    make_state: Callable[[PolicyContext], tuple]
+    on_access: Callable
+    on_insert: Callable
+    on_evict: Callable
+    victim: Callable
+    observe: Callable
+    predict: Callable
+
+    @property
+    def prefetches(self) -> bool:
+        return self.kind == "prefetch"
+
+
+# ---- shared building blocks (numba) -------------------------------------------------------
+
+@njit(cache=True)
+def argmin_masked(score, cand):
+    # score: float64[E] or int64[E]; cand: int8[E] -> first index of the minimum among cand
+    best = -1
+    for e in range(cand.shape[0]):
+        if cand[e] and (best < 0 or score[e] < score[best]):
+            best = e
+    return best
+
+
+@njit(cache=True)
+def argmax_masked(score, cand):
+    best = -1
+    for e in range(cand.shape[0]):
+        if cand[e] and (best < 0 or score[e] > score[best]):
+            best = e
+    return best
+
+
+@njit(cache=True)
+def noop_access(st, l, e, hit, now, nxt):
+    pass
+
+
+@njit(cache=True)
+def noop_insert(st, l, e, now):
+    pass
+
+
+@njit(cache=True)
+def noop_evict(st, l, e):
+    pass
+
+
+@njit(cache=True)
+def noop_observe(st, l, ex, hid):
+    pass
+
+
+@njit(cache=True)
+def no_predict(st, l, ex, hid, out):
+    return 0
+
+
+@njit(cache=True)
+def top_n_into(score, n, dstep, layer, out, start):
+    # Write the n highest-scoring experts (ties: lower id first), score > 0 only, as rows of out.
+    # score: float64[E]; returns the new row count.
+    E = score.shape[0]
+    taken = np.zeros(E, dtype=np.int8)
+    k = start
+    for _ in range(n):
+        best = -1
+        for e in range(E):
+            if not taken[e] and score[e] > 0 and (best < 0 or score[e] > score[best]):
+                best = e
+        if best < 0 or k >= out.shape[0]:
+            break
+        taken[best] = 1
+        out[k, 0] = dstep
+        out[k, 1] = layer
+        out[k, 2] = best
+        k += 1
+    return k
+
+
+@njit(cache=True)
+def lru_touch(last, l, e, now):
+    last[l, e] = now

@@ -1,0 +1,1 @@
+"""Offline replay of routing traces against cache/prefetch policies. Never imports torch."""

@@ -1,0 +1,155 @@
+"""The cost model (the only one): a timeline with one FIFO copy engine and one GPU stream.
+
+Per (step, layer):
+  attention      t_route = cursor + attn_ms + attn_ms_per_token * tokens
+  copies         every MISS / PREFETCH of the layer is enqueued at t_route (demand first, as the
+                 controller emits them); a copy starts at max(t_issue, engine free, slot free),
+                 lasts copy_overhead + bytes / bandwidth, and the engine is FIFO
+  experts        in request order, expert e computes ffn(ntok_e); with `chunks` > 1 the FFN is
+                 split along the intermediate dim and can start on chunks that have landed:
+                     end = max(t + ffn, ready_e + ffn / chunks)
+                 stall += end - (t + ffn)
+  prefetches     issued after the layer (controller `after`) are enqueued at the layer's end
+A slot is free for a new copy once the last expert computed from it has finished.
+The result is a breakdown (stall, compute, copy busy, bytes), not one number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+from numba import njit
+
+from tracekit.errors import UserError
+
+# scalar slots of the numba profile vector
+P_BW, P_OVH, P_BYTES, P_ATTN, P_ATTN_TOK, P_CHUNKS, P_ACT, P_CONT = range(8)
+# accumulator slots of the timeline
+A_ENGINE, A_STALL, A_COMPUTE, A_COPY, A_BYTES = range(5)
+
+
+@dataclass
+class Profile:
+    name: str
+    h2d_GBps: float
+    copy_overhead_us: float
+    expert_MB: float
+    attn_ms: float
+    attn_ms_per_token: float = 0.0
+    chunks: int = 1
+    ffn_ms: dict = field(default_factory=lambda: {"1": 0.14})
+    cpu_ffn_ms: dict = field(default_factory=dict)
+    act_copy_us: float = 20.0
+    contention: float = 1.0
+    card: str = ""
+    source: str = ""
+
+    @property
+    def expert_bytes(self) -> float:
+        return self.expert_MB * 1e6
+
+    def vectors(self, expert_bytes: float | None = None, chunks: int | None = None):
+        """(scalars float64[8], ffn_tok, ffn_s) for numba."""
+        sc = np.zeros(8)
+        sc[P_BW] = self.h2d_GBps * 1e9
+        sc[P_OVH] = self.copy_overhead_us * 1e-6
+        sc[P_BYTES] = expert_bytes if expert_bytes else self.expert_bytes
+        sc[P_ATTN] = self.attn_ms * 1e-3
+        sc[P_ATTN_TOK] = self.attn_ms_per_token * 1e-3
+        sc[P_CHUNKS] = max(1, chunks if chunks else self.chunks)
+        sc[P_ACT] = self.act_copy_us * 1e-6
+        sc[P_CONT] = self.contention
+        tok, sec = _table(self.ffn_ms)
+        return sc, tok, sec
+
+    def copy_seconds(self, expert_bytes: float | None = None) -> float:
+        b = expert_bytes if expert_bytes else self.expert_bytes
+        return self.copy_overhead_us * 1e-6 + b / (self.h2d_GBps * 1e9)
+
+
+def _table(d: dict):
+    items = sorted((float(k), float(v) * 1e-3) for k, v in d.items())
+    if not items:
+        raise UserError("hardware profile has an empty FFN table")
+    return np.array([a for a, _ in items]), np.array([b for _, b in items])
+
+
+def preset_names() -> list[str]:
+    root = resources.files("tracekit.replay") / "profiles"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    if os.path.exists(name_or_path):
+        text = open(name_or_path).read()
+    else:
+        root = resources.files("tracekit.replay") / "profiles"
+        f = root / f"{name_or_path}.json"
+        if not f.is_file():
+            raise UserError(f"unknown hardware profile {name_or_path!r}: not a file, and presets are "
+                            f"{', '.join(preset_names())}")
+        text = f.read_text()
+    try:
+        d = json.loads(text)
+        known = set(Profile.__dataclass_fields__)
+        return Profile(**{k: v for k, v in d.items() if k in known})
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{name_or_path}: not a valid hardware profile ({exc})") from None
+
+
+@njit(cache=True)
+def interp(tok, sec, n):
+    # piecewise-linear time for n tokens; beyond the table, grows linearly from the last point
+    if n <= tok[0]:
+        return sec[0]
+    for i in range(1, tok.shape[0]):
+        if n <= tok[i]:
+            w = (n - tok[i - 1]) / (tok[i] - tok[i - 1])
+            return sec[i - 1] + w * (sec[i] - sec[i - 1])
+    return sec[-1] * n / tok[-1]
+
+
+def new_timeline(L: int, E: int, C: int):
+    return (np.zeros((L, E)), np.zeros((L, C)), np.zeros(5))
+
+
+@njit(cache=True)
+def enqueue_copies(sc, tl, act, n, t_issue):
+    # every MISS/PREFETCH row (kind != 0) of act[:n] becomes one FIFO copy issued at t_issue
+    ready, slot_free, acc = tl
+    dur = sc[P_OVH] + sc[P_BYTES] / sc[P_BW]
+    for r in range(n):
+        if act[r, 0] == 0:
+            continue
+        l, e, s = act[r, 1], act[r, 2], act[r, 3]
+        start = max(t_issue, acc[A_ENGINE], slot_free[l, s])
+        acc[A_ENGINE] = start + dur
+        acc[A_COPY] += dur
+        acc[A_BYTES] += sc[P_BYTES]
+        ready[l, e] = start + dur
+
+
+@njit(cache=True)
+def layer_time(sc, ffn_tok, ffn_s, tl, act, n, req_ntok, ntok, cursor):
+    # One layer of one step. act[:n] from controller.serve; req_ntok: this layer's request sizes.
+    ready, slot_free, acc = tl
+    attn = sc[P_ATTN] + sc[P_ATTN_TOK] * ntok
+    acc[A_COMPUTE] += attn
+    t = cursor + attn
+    enqueue_copies(sc, tl, act, n, t)
+    ch = sc[P_CHUNKS]
+    for r in range(n):
+        if act[r, 0] == 2:
+            continue
+        l, e, s, i = act[r, 1], act[r, 2], act[r, 3], act[r, 4]
+        f = interp(ffn_tok, ffn_s, req_ntok[i])
+        end = max(t + f, ready[l, e] + f / ch)
+        acc[A_STALL] += end - (t + f)
+        acc[A_COMPUTE] += f
+        t = end
+        slot_free[l, s] = t
+    return t

@@ -1,0 +1,57 @@
+"""The in-memory trace: the one contract between record, replay and live.
+
+Every reader (native tracekit Parquet, long interchange Parquet) returns a `Trace`.
+Arrays are token-major: one row per (step, token) position, sorted by (step, seq_id, position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+PHASE_PREFILL = 0
+PHASE_DECODE = 1
+
+
+@dataclass
+class Trace:
+    path: str
+    format: str                      # "tracekit" | "long"
+    complete: bool                   # False for a recording that was killed mid-way
+    num_layers: int                  # L
+    num_experts: int                 # E
+    top_k: int                       # K
+    seq_id: np.ndarray               # [T] int32
+    step: np.ndarray                 # [T] int32, forward-pass index, non-decreasing
+    phase: np.ndarray                # [T] int8, 0 prefill / 1 decode
+    position: np.ndarray             # [T] int32
+    token_id: np.ndarray             # [T] int32 (-1 when unknown)
+    experts: np.ndarray              # [T, L, K] int16, ordered by rank; -1 where the event is missing
+    weights: np.ndarray              # [T, L, K] float32
+    logits: np.ndarray | None = None         # [T, L, E] float32 (tracekit traces only)
+    hidden: np.ndarray | None = None         # [T, L, D] float16/float32 hidden state entering each MoE block
+    router: np.ndarray | None = None         # [L, E, H] float32 router weights
+    hidden_kind: str = "none"                # none | full | proj:N
+    hidden_proj_seed: int | None = None      # seed of the random projection (proj:N)
+    meta: dict = field(default_factory=dict)  # model facts, versions, generation settings, source
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.seq_id.shape[0])
+
+    @property
+    def num_steps(self) -> int:
+        return int(np.unique(self.step).shape[0])
+
+    @property
+    def expert_bytes(self) -> int | None:
+        v = self.meta.get("bytes_per_expert")
+        return int(v) if v else None
+
+    def with_token_steps(self) -> "Trace":
+        """Every token becomes its own step (for teacher-forced traces: `--steps tokens`)."""
+        import dataclasses
+
+        return dataclasses.replace(self, step=np.arange(self.num_tokens, dtype=np.int32))

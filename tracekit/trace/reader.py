@@ -1,0 +1,59 @@
+"""Open any supported trace file and return a validated `Trace`.
+
+The format is detected from the Parquet schema:
+  - tracekit native (key `tracekit.schema_version` in the metadata)  -> tracekit.trace.native
+  - long interchange format (seq_id, token_idx, layer, expert, rank, weight, phase) -> longformat
+Every failure a user can cause becomes one `UserError` line.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tracekit.errors import UserError
+from tracekit.trace.core import Trace
+from tracekit.trace.longformat import is_long_format, trace_from_long
+
+NATIVE_KEY = b"tracekit.schema_version"
+
+
+def _open_schema(path: str) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable Parquet file ({msg})") from None
+
+
+def read_trace(path: str | os.PathLike, load_hidden: bool = True) -> Trace:
+    path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(".tmp"):
+        from tracekit.trace.native import read_partial
+
+        return read_partial(path, load_hidden=load_hidden)
+    if not os.path.exists(path):
+        partial = path + ".tmp"
+        if os.path.isdir(partial):
+            from tracekit.trace.native import read_partial
+
+            return read_partial(partial, load_hidden=load_hidden)
+        raise UserError(f"{path}: no such file")
+    schema = _open_schema(path)
+    meta = schema.metadata or {}
+    if NATIVE_KEY in meta:
+        from tracekit.trace.native import read_native
+
+        return read_native(path, load_hidden=load_hidden)
+    if is_long_format(schema):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UserError(f"{path}: corrupt Parquet data ({str(exc).splitlines()[0]})") from None
+        return trace_from_long(table, path)
+    raise UserError(
+        f"{path}: not a routing trace (columns {schema.names[:8]}); expected a tracekit trace "
+        "or the long format (seq_id, token_idx, layer, expert, rank, weight, phase)"
+    )
