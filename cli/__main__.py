@@ -1,0 +1,3 @@
+from tracekit.cli.app import main
+
+main()

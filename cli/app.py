@@ -1,0 +1,45 @@
+"""`tracekit` entry point. Heavy libraries (torch, transformers, numba) load inside commands only."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Record MoE routing traces, replay caching/prefetch policies offline, and "
+                       "measure them live on a GPU.")
+
+
+def _register() -> None:
+    # Each module adds its command to `app`; none of them imports torch at module level.
+    from tracekit.cli import inspect_cmd, live, record, replay  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tracekit.errors import UserError
+
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""tracekit inspect_cmd (placeholder until its issue lands)."""

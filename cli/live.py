@@ -1,0 +1,1 @@
+"""tracekit live (placeholder until its issue lands)."""

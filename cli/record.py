@@ -1,0 +1,1 @@
+"""tracekit record (placeholder until its issue lands)."""

@@ -1,0 +1,1 @@
+"""tracekit replay (placeholder until its issue lands)."""
