@@ -11,6 +11,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "measure them live on a GPU.")
 
 
+@app.command()
+def version() -> None:
+    """Print the tracekit version."""
+    from tracekit import __version__
+
+    print(__version__)
+
+
 def _register() -> None:
     # Each module adds its command to `app`; none of them imports torch at module level.
     from tracekit.cli import inspect_cmd, live, record, replay  # noqa: F401
