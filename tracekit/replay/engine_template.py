@@ -1,0 +1,251 @@
+"""Controller + replay loop source, compiled once per policy (see tracekit.replay.jit).
+
+This file is a TEMPLATE: tracekit.replay.jit writes a copy of it, with the policy's functions
+bound to the names on_access, on_insert, on_evict, victim, observe and predict, into the JIT
+cache folder, so that numba can cache the compiled code on disk per policy.
+Semantics are documented in tracekit/replay/controller.py.
+"""
+# ruff: noqa: F821
+import numpy as np
+from numba import njit
+
+from tracekit.replay.controller import (
+    C_DEC_XFER,
+    C_DEMAND,
+    C_DHIT,
+    C_DREQ,
+    C_EVICT,
+    C_HIT,
+    C_PF_DROPPED,
+    C_PF_ISSUED,
+    C_PF_USED,
+    C_PF_WASTED,
+    C_REQ,
+    C_XFER,
+    HIT,
+    MISS,
+    PREFETCH,
+    Q_CAP,
+    Q_CLOCK,
+    Q_HEAD,
+    Q_INFLIGHT,
+    Q_TAIL,
+)
+from tracekit.replay.cost import enqueue_copies, layer_time
+
+# {POLICY_BINDINGS}
+
+
+@njit(cache=True)
+def _evict(ctl, st, l, v):
+    resident, slot_of, slot_owner, nres, pf, want = ctl[0], ctl[1], ctl[2], ctl[3], ctl[4], ctl[5]
+    cnt, q = ctl[8], ctl[7]
+    on_evict(st, l, v)
+    if pf[l, v] == 2:
+        cnt[C_PF_WASTED] += 1
+        q[Q_INFLIGHT] -= 1
+        pf[l, v] = 0
+    want[l, v] = -1
+    s = slot_of[l, v]
+    resident[l, v] = 0
+    slot_of[l, v] = -1
+    slot_owner[l, s] = -1
+    nres[l] -= 1
+    cnt[C_EVICT] += 1
+    return s
+
+@njit(cache=True)
+def _take_slot(ctl, st, l, demand):
+    # A free slot, or evict the policy's victim. Returns (slot, victim or -1); slot -1: none free.
+    resident, slot_owner, nres, want, cand = ctl[0], ctl[2], ctl[3], ctl[5], ctl[9]
+    C = slot_owner.shape[1]
+    if nres[l] < C:
+        for s in range(C):
+            if slot_owner[l, s] < 0:
+                return s, -1
+    E = resident.shape[1]
+    any_c = False
+    for e in range(E):
+        c = resident[l, e] == 1 and want[l, e] < 0
+        cand[e] = 1 if c else 0
+        any_c = any_c or c
+    if not any_c:
+        if not demand:
+            return -1, -1
+        for e in range(E):
+            cand[e] = resident[l, e]
+    v = victim(st, l, cand)
+    return _evict(ctl, st, l, v), v
+
+@njit(cache=True)
+def _emit(act, n, kind, l, e, s, i):
+    act[n, 0] = kind
+    act[n, 1] = l
+    act[n, 2] = e
+    act[n, 3] = s
+    act[n, 4] = i
+    return n + 1
+
+@njit(cache=True)
+def _issue(ctl, st, pos, decode, act, n):
+    resident, slot_of, slot_owner, nres, pf, want, queue, q, cnt = ctl[:9]
+    while q[Q_INFLIGHT] < q[Q_CAP] and q[Q_HEAD] != q[Q_TAIL]:
+        h = q[Q_HEAD] % queue.shape[0]
+        l, e, t = queue[h, 0], queue[h, 1], queue[h, 2]
+        q[Q_HEAD] += 1
+        if pf[l, e] != 1 or want[l, e] != t:
+            continue                      # stale duplicate
+        if t <= pos:
+            pf[l, e] = 0
+            want[l, e] = -1
+            cnt[C_PF_DROPPED] += 1
+            continue
+        want[l, e] = -1                   # do not protect it against its own slot search
+        s, v = _take_slot(ctl, st, l, False)
+        want[l, e] = t
+        if s < 0:
+            pf[l, e] = 0
+            want[l, e] = -1
+            cnt[C_PF_DROPPED] += 1
+            continue
+        resident[l, e] = 1
+        slot_of[l, e] = s
+        slot_owner[l, s] = e
+        nres[l] += 1
+        on_insert(st, l, e, q[Q_CLOCK])
+        pf[l, e] = 2
+        q[Q_INFLIGHT] += 1
+        cnt[C_PF_ISSUED] += 1
+        cnt[C_XFER] += 1
+        if decode:
+            cnt[C_DEC_XFER] += 1
+        n = _emit(act, n, PREFETCH, l, e, s, -1)
+    return n
+
+@njit(cache=True)
+def serve(ctl, st, pos, l, req_e, now0, req_next, decode, act):
+    resident, slot_of, slot_owner, nres, pf, want, queue, q, cnt = ctl[:9]
+    n = 0
+    for i in range(req_e.shape[0]):
+        e = np.int64(req_e[i])
+        now = now0 + i
+        q[Q_CLOCK] = now
+        cnt[C_REQ] += 1
+        if decode:
+            cnt[C_DREQ] += 1
+        if resident[l, e] == 1:
+            cnt[C_HIT] += 1
+            if decode:
+                cnt[C_DHIT] += 1
+            if pf[l, e] == 2:
+                cnt[C_PF_USED] += 1
+                q[Q_INFLIGHT] -= 1
+                pf[l, e] = 0
+            on_access(st, l, e, True, now, req_next[i])
+            n = _emit(act, n, HIT, l, e, slot_of[l, e], i)
+        else:
+            if pf[l, e] == 1:             # queued but never issued: a miss
+                pf[l, e] = 0
+                cnt[C_PF_DROPPED] += 1
+            s, v = _take_slot(ctl, st, l, True)
+            resident[l, e] = 1
+            slot_of[l, e] = s
+            slot_owner[l, s] = e
+            nres[l] += 1
+            on_insert(st, l, e, now)
+            on_access(st, l, e, False, now, req_next[i])
+            cnt[C_DEMAND] += 1
+            cnt[C_XFER] += 1
+            if decode:
+                cnt[C_DEC_XFER] += 1
+            n = _emit(act, n, MISS, l, e, s, i)
+    # retire predictions whose target (this step, this layer) has now been served
+    for e in range(resident.shape[1]):
+        if want[l, e] >= 0 and want[l, e] <= pos:
+            if pf[l, e] == 2:
+                cnt[C_PF_WASTED] += 1
+                q[Q_INFLIGHT] -= 1
+            elif pf[l, e] == 1:
+                cnt[C_PF_DROPPED] += 1
+            pf[l, e] = 0
+            want[l, e] = -1
+    return _issue(ctl, st, pos, decode, act, n)
+
+@njit(cache=True)
+def after(ctl, st, pos, l, tok_ex, hid, decode, predict_on, act):
+    # tok_ex: int16[B, K] experts of the step's tokens at layer l; hid: float32[B, D] (D may be 0)
+    resident, pf, want, queue, q, cnt, pred = ctl[0], ctl[4], ctl[5], ctl[6], ctl[7], ctl[8], ctl[10]
+    L = resident.shape[0]
+    for b in range(tok_ex.shape[0]):
+        if tok_ex[b, 0] >= 0:
+            observe(st, l, tok_ex[b], hid[b])
+    if predict_on:
+        for b in range(tok_ex.shape[0]):
+            if tok_ex[b, 0] < 0:
+                continue
+            m = predict(st, l, tok_ex[b], hid[b], pred)
+            for r in range(m):
+                dstep, tl, te = pred[r, 0], pred[r, 1], pred[r, 2]
+                if tl < 0 or tl >= L:
+                    continue
+                t = pos + dstep * L + (tl - l)
+                if t <= pos:
+                    continue
+                if resident[tl, te] == 1 or pf[tl, te] != 0:
+                    if t > want[tl, te]:
+                        want[tl, te] = t
+                        if pf[tl, te] == 1 and q[Q_TAIL] - q[Q_HEAD] < queue.shape[0]:
+                            k = q[Q_TAIL] % queue.shape[0]   # re-queue under the new target
+                            queue[k, 0], queue[k, 1], queue[k, 2] = tl, te, t
+                            q[Q_TAIL] += 1
+                    continue
+                if q[Q_TAIL] - q[Q_HEAD] >= queue.shape[0]:
+                    cnt[C_PF_DROPPED] += 1
+                    continue
+                k = q[Q_TAIL] % queue.shape[0]
+                queue[k, 0], queue[k, 1], queue[k, 2] = tl, te, t
+                q[Q_TAIL] += 1
+                pf[tl, te] = 1
+                want[tl, te] = t
+    return _issue(ctl, st, pos, decode, act, 0)
+
+@njit(cache=True)
+def finish(ctl):
+    # predictions still in flight at the end of the trace were never used
+    pf, q, cnt = ctl[4], ctl[7], ctl[8]
+    for l in range(pf.shape[0]):
+        for e in range(pf.shape[1]):
+            if pf[l, e] == 2:
+                cnt[C_PF_WASTED] += 1
+                q[Q_INFLIGHT] -= 1
+                pf[l, e] = 0
+
+
+
+@njit(cache=True)
+def run(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, req_e, req_ntok,
+        req_next, predict_on):
+    S = decode.shape[0]
+    L = tok_ex.shape[1]
+    act = np.zeros((4 * tok_ex.shape[2] * 64 + 1024, 5), dtype=np.int64)
+    cursor = 0.0
+    dec_time = 0.0
+    dec_tok = 0
+    for s in range(S):
+        t0, t1 = tok_ptr[s], tok_ptr[s + 1]
+        ntok = t1 - t0
+        dec = decode[s] == 1
+        start = cursor
+        for l in range(L):
+            pos = s * L + l
+            a, b = req_ptr[pos], req_ptr[pos + 1]
+            n = serve(ctl, st, pos, l, req_e[a:b], a, req_next[a:b], dec, act)
+            cursor = layer_time(sc, ffn_tok, ffn_s, tl, act, n, req_ntok[a:b], ntok, cursor)
+            m = after(ctl, st, pos, l, tok_ex[t0:t1, l], hid[t0:t1, l], dec, predict_on and dec, act)
+            enqueue_copies(sc, tl, act, m, cursor)
+        if dec:
+            dec_time += cursor - start
+            dec_tok += ntok
+    finish(ctl)
+    return cursor, dec_time, dec_tok
+
