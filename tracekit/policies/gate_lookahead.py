@@ -1,0 +1,82 @@
+"""gate-lookahead: apply layer L+1's router to layer L's hidden state (mixtral-offloading, AdapMoE).
+
+Needs FULL hidden states (not a projection) and the router weights ctx.router [L, E, H], H = D.
+After a token finishes layer l with hidden state h (float32[D]), `predict` computes the logits
+router[l+1] @ h (float64 accumulation, in d order) and returns the top-`depth` experts (ties:
+lower id) for layer l+1 of this step (dstep = 0). Nothing is predicted after the last layer.
+Base eviction: LRU (the controller protects predictions).
+"""
+
+import numpy as np
+from numba import njit
+
+from tracekit.policies import NotApplicable, register
+from tracekit.policies.base import PolicySpec, argmin_masked, noop_evict, noop_observe
+
+
+def make_state(ctx):
+    if ctx.hidden_dim == 0:
+        raise NotApplicable("needs hidden states; trace has none")
+    if ctx.hidden_kind.startswith("proj"):
+        raise NotApplicable(f"needs full hidden states; trace has {ctx.hidden_kind}")
+    if ctx.router is None:
+        raise NotApplicable("needs router weights; trace has none")
+    r = np.ascontiguousarray(ctx.router, dtype=np.float32)
+    if r.shape != (ctx.num_layers, ctx.num_experts, ctx.hidden_dim):
+        raise NotApplicable(f"router weights {r.shape} do not match "
+                            f"[L, E, D] = {(ctx.num_layers, ctx.num_experts, ctx.hidden_dim)}")
+    E = ctx.num_experts
+    return (np.zeros((ctx.num_layers, E), dtype=np.int64),             # 0 last use [L, E]
+            r,                                                         # 1 router [L, E, D] float32
+            np.array([max(1, ctx.depth or ctx.top_k)], dtype=np.int64),  # 2 depth [1]
+            np.zeros(E, dtype=np.float64),                             # 3 logits scratch [E]
+            np.zeros(E, dtype=np.int8))                                # 4 taken scratch [E]
+
+
+@njit(cache=True)
+def on_access(st, l, e, hit, now, nxt):
+    st[0][l, e] = now
+
+
+@njit(cache=True)
+def on_insert(st, l, e, now):
+    st[0][l, e] = now
+
+
+@njit(cache=True)
+def victim(st, l, cand):
+    return argmin_masked(st[0][l], cand)
+
+
+@njit(cache=True)
+def predict(st, l, ex, hid, out):
+    router, depth, logit, taken = st[1], st[2][0], st[3], st[4]
+    t = l + 1
+    if t >= router.shape[0]:
+        return 0
+    E = logit.shape[0]
+    for e in range(E):
+        s = 0.0
+        for d in range(hid.shape[0]):
+            s += float(router[t, e, d]) * float(hid[d])
+        logit[e] = s
+        taken[e] = 0
+    k = 0
+    for _ in range(min(depth, E)):
+        best = -1
+        for e in range(E):
+            if not taken[e] and (best < 0 or logit[e] > logit[best]):
+                best = e
+        if k >= out.shape[0]:
+            break
+        taken[best] = 1
+        out[k, 0] = 0
+        out[k, 1] = t
+        out[k, 2] = best
+        k += 1
+    return k
+
+
+register(PolicySpec("gate-lookahead", "prefetch",
+                    "apply layer L+1's router to layer L's hidden state (needs full hidden states + router)",
+                    make_state, on_access, on_insert, noop_evict, victim, noop_observe, predict))

@@ -1,0 +1,74 @@
+"""markov: the study's temporal chain, a prefetching policy.
+
+State, learned online in `observe`:
+  P[l, a, b]  counts of "expert a at token t, expert b at token t+1" at layer l
+  prev[l, K]  experts of the last token observed at layer l (-1: none yet)
+Tokens form one chain per layer in observation order (trace order); with a batch of several
+sequences per decode step the chain runs across the batch's tokens, as in a single stream.
+
+After a token finishes layer l with experts ex, `predict` scores every expert b by
+sum_{a in ex} P[l, a, b] and predicts the `depth` best (score > 0; ties: lower id) for the
+NEXT step at the same layer (dstep = 1). Base eviction: LRU (the controller protects predictions).
+"""
+
+import numpy as np
+from numba import njit
+
+from tracekit.policies import register
+from tracekit.policies.base import PolicySpec, argmin_masked, noop_evict, top_n_into
+
+
+def make_state(ctx):
+    L, E, K = ctx.num_layers, ctx.num_experts, ctx.top_k
+    return (np.zeros((L, E), dtype=np.int64),          # 0 last use [L, E]
+            np.zeros((L, E, E), dtype=np.int64),       # 1 transition counts P [L, E, E]
+            np.full((L, K), -1, dtype=np.int64),       # 2 previous token's experts [L, K]
+            np.array([max(1, ctx.depth or K)], dtype=np.int64),   # 3 depth [1]
+            np.zeros(E, dtype=np.float64))             # 4 score scratch [E]
+
+
+@njit(cache=True)
+def on_access(st, l, e, hit, now, nxt):
+    st[0][l, e] = now
+
+
+@njit(cache=True)
+def on_insert(st, l, e, now):
+    st[0][l, e] = now
+
+
+@njit(cache=True)
+def victim(st, l, cand):
+    return argmin_masked(st[0][l], cand)
+
+
+@njit(cache=True)
+def observe(st, l, ex, hid):
+    P, prev = st[1], st[2]
+    for i in range(prev.shape[1]):
+        a = prev[l, i]
+        if a < 0:
+            continue
+        for j in range(ex.shape[0]):
+            b = ex[j]
+            if b >= 0:
+                P[l, a, b] += 1
+    for i in range(prev.shape[1]):
+        prev[l, i] = ex[i] if i < ex.shape[0] else -1
+
+
+@njit(cache=True)
+def predict(st, l, ex, hid, out):
+    P, score = st[1], st[4]
+    score[:] = 0.0
+    for i in range(ex.shape[0]):
+        a = ex[i]
+        if a < 0:
+            continue
+        for b in range(score.shape[0]):
+            score[b] += P[l, a, b]
+    return top_n_into(score, st[3][0], 1, l, out, 0)
+
+
+register(PolicySpec("markov", "prefetch", "temporal chain: prefetch the likeliest experts of the next token",
+                    make_state, on_access, on_insert, noop_evict, victim, observe, predict))

@@ -1,0 +1,117 @@
+"""trajectory: the study's centroid lookahead, a prefetching policy (needs hidden states).
+
+State, learned online in `observe` (hidden states arrive as float32, maths in float64):
+  cen[l, e, D]  running mean of the hidden states (entering layer l) of tokens routed to e at l
+  cnt[l, e]     tokens routed to e at l
+  nobs[l]       tokens observed at layer l
+After a token finishes layer l with hidden state h, and once at least `warmup` tokens
+(ctx.params["warmup"], default 16) have been observed at layer l+1, `predict` returns the
+`depth` layer-(l+1) experts with cnt > 0 whose centroid is nearest to h by cosine
+(ties: lower id; zero-norm centroids or h are skipped), for this step (dstep = 0).
+Learning never stops after the warm-up. Base eviction: LRU.
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+from tracekit.policies import NotApplicable, register
+from tracekit.policies.base import PolicySpec, argmin_masked, noop_evict
+
+WARMUP = 16
+
+
+def make_state(ctx):
+    if ctx.hidden_dim == 0:
+        raise NotApplicable("needs hidden states; trace has none")
+    L, E, D = ctx.num_layers, ctx.num_experts, ctx.hidden_dim
+    warmup = int(ctx.params.get("warmup", WARMUP))
+    return (np.zeros((L, E), dtype=np.int64),          # 0 last use [L, E]
+            np.zeros((L, E, D), dtype=np.float64),     # 1 centroids [L, E, D]
+            np.zeros((L, E), dtype=np.int64),          # 2 tokens per expert [L, E]
+            np.zeros(L, dtype=np.int64),               # 3 tokens observed per layer [L]
+            np.array([max(1, ctx.depth or ctx.top_k), warmup], dtype=np.int64),  # 4 depth, warmup
+            np.zeros(E, dtype=np.float64),             # 5 score scratch [E]
+            np.zeros(E, dtype=np.int8))                # 6 valid-score scratch [E]
+
+
+@njit(cache=True)
+def on_access(st, l, e, hit, now, nxt):
+    st[0][l, e] = now
+
+
+@njit(cache=True)
+def on_insert(st, l, e, now):
+    st[0][l, e] = now
+
+
+@njit(cache=True)
+def victim(st, l, cand):
+    return argmin_masked(st[0][l], cand)
+
+
+@njit(cache=True)
+def observe(st, l, ex, hid):
+    cen, cnt, nobs = st[1], st[2], st[3]
+    nobs[l] += 1
+    for k in range(ex.shape[0]):
+        e = ex[k]
+        if e < 0:
+            continue
+        cnt[l, e] += 1
+        n = float(cnt[l, e])
+        for d in range(hid.shape[0]):
+            cen[l, e, d] += (float(hid[d]) - cen[l, e, d]) / n
+
+
+@njit(cache=True)
+def top_valid_into(score, ok, n, dstep, layer, out):
+    # the n best scores among ok[e] == 1 (any sign; ties: lower id) -> rows of out; returns count
+    E = score.shape[0]
+    k = 0
+    for _ in range(n):
+        best = -1
+        for e in range(E):
+            if ok[e] and (best < 0 or score[e] > score[best]):
+                best = e
+        if best < 0 or k >= out.shape[0]:
+            break
+        ok[best] = 0
+        out[k, 0] = dstep
+        out[k, 1] = layer
+        out[k, 2] = best
+        k += 1
+    return k
+
+
+@njit(cache=True)
+def predict(st, l, ex, hid, out):
+    cen, cnt, nobs, par, score, ok = st[1], st[2], st[3], st[4], st[5], st[6]
+    t = l + 1
+    if t >= cnt.shape[0] or nobs[t] < par[1]:
+        return 0
+    hh = 0.0
+    for d in range(hid.shape[0]):
+        hh += float(hid[d]) * float(hid[d])
+    if hh == 0.0:
+        return 0
+    for e in range(score.shape[0]):
+        ok[e] = 0
+        if cnt[t, e] == 0:
+            continue
+        dot = 0.0
+        cc = 0.0
+        for d in range(hid.shape[0]):
+            dot += float(hid[d]) * cen[t, e, d]
+            cc += cen[t, e, d] * cen[t, e, d]
+        if cc == 0.0:
+            continue
+        score[e] = dot / (math.sqrt(hh) * math.sqrt(cc))
+        ok[e] = 1
+    return top_valid_into(score, ok, par[0], 0, t, out)
+
+
+register(PolicySpec("trajectory", "prefetch",
+                    "centroid lookahead: prefetch layer-L+1 experts nearest the hidden state (needs hidden states)",
+                    make_state, on_access, on_insert, noop_evict, victim, observe, predict))
