@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from tracekit.policies import PolicyContext, PolicySpec
 from tracekit.replay import controller as ctlmod
-from tracekit.replay.cost import A_BYTES, A_COMPUTE, A_COPY, A_STALL, Profile, new_timeline
+from tracekit.replay.cost import A_BYTES, A_COMPUTE, A_COPY, A_STALL, P_BYTES, Profile, new_timeline
 from tracekit.replay.plan import Plan
 
 
@@ -27,6 +27,9 @@ class ReplayResult:
     compute_s: float
     copy_s: float
     bytes: float
+    decode_stall_s: float
+    decode_compute_s: float
+    expert_bytes: float
 
 
 def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *, cap: int = 2,
@@ -40,9 +43,10 @@ def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *,
     tl = new_timeline(plan.L, plan.E, capacity)
     sc, ffn_tok, ffn_s = profile.vectors(expert_bytes)
     run = compile_engine(spec)
-    total, dec_s, dec_tok = run(ctl, st, tl, sc, ffn_tok, ffn_s, plan.tok_ptr, plan.decode, plan.tok_ex,
+    total, dec_s, dec_tok, dec_stall, dec_comp = run(ctl, st, tl, sc, ffn_tok, ffn_s, plan.tok_ptr, plan.decode, plan.tok_ex,
                                 plan.hid, plan.req_ptr, plan.req_e, plan.req_ntok, plan.req_next,
                                 spec.prefetches)
     acc = tl[2]
     return ReplayResult(ctlmod.counters_dict(ctl), float(total), float(dec_s), int(dec_tok),
-                        float(acc[A_STALL]), float(acc[A_COMPUTE]), float(acc[A_COPY]), float(acc[A_BYTES]))
+                        float(acc[A_STALL]), float(acc[A_COMPUTE]), float(acc[A_COPY]), float(acc[A_BYTES]),
+                        float(dec_stall), float(dec_comp), float(sc[P_BYTES]))

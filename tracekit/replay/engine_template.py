@@ -225,17 +225,23 @@ def finish(ctl):
 @njit(cache=True)
 def run(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, req_e, req_ntok,
         req_next, predict_on):
+    # Walk every (step, layer): controller.serve -> cost of the layer -> controller.after ->
+    # prefetch copies. Returns (total_s, decode_s, decode_tokens, decode_stall_s, decode_compute_s).
     S = decode.shape[0]
     L = tok_ex.shape[1]
-    act = np.zeros((4 * tok_ex.shape[2] * 64 + 1024, 5), dtype=np.int64)
+    E = ctl[0].shape[1]
+    act = np.zeros((2 * E + 2 * ctl[6].shape[0] + 8, 5), dtype=np.int64)
+    acc = tl[2]
     cursor = 0.0
     dec_time = 0.0
     dec_tok = 0
+    dec_stall = 0.0
+    dec_compute = 0.0
     for s in range(S):
         t0, t1 = tok_ptr[s], tok_ptr[s + 1]
         ntok = t1 - t0
         dec = decode[s] == 1
-        start = cursor
+        start, stall0, comp0 = cursor, acc[1], acc[2]
         for l in range(L):
             pos = s * L + l
             a, b = req_ptr[pos], req_ptr[pos + 1]
@@ -246,6 +252,7 @@ def run(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, 
         if dec:
             dec_time += cursor - start
             dec_tok += ntok
+            dec_stall += acc[1] - stall0
+            dec_compute += acc[2] - comp0
     finish(ctl)
-    return cursor, dec_time, dec_tok
-
+    return cursor, dec_time, dec_tok, dec_stall, dec_compute
