@@ -1,1 +1,80 @@
-"""tracekit replay (placeholder until its issue lands)."""
+"""tracekit replay: score policies offline against traces. Never imports torch."""
+
+from __future__ import annotations
+
+from typing import List
+
+import typer
+
+from tracekit.cli.app import app
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from tracekit.errors import UserError
+
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{what} wants a comma list of integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise UserError(f"--{what} values must be >= 1, got {text!r}")
+    return vals
+
+
+@app.command("replay")
+def replay(
+    traces: List[str] = typer.Argument(..., help="trace files (tracekit or long-format Parquet)"),
+    policy: str = typer.Option("all", "--policy", "-p", help="'all' or a comma list of policy names"),
+    capacity: str = typer.Option("1,2,4", "--capacity", "-c", help="expert slots per layer, comma list"),
+    profile: str = typer.Option("h100-pcie5", help="hardware profile: preset name or JSON file"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | json | csv"),
+    out: str = typer.Option(None, "--out", help="also write every row to this Parquet file"),
+    plot: str = typer.Option(None, "--plot", help="write a PNG of hit rate and tokens/s against capacity"),
+    cap: int = typer.Option(2, "--cap", help="prefetches in flight (the study's throttle)"),
+    depth: int = typer.Option(0, "--depth", help="prefetch depth per token and layer (0: top_k)"),
+    steps: str = typer.Option("passes", "--steps", help="passes (recorded forward passes) | tokens"),
+    expert_mb: float = typer.Option(None, "--expert-mb", help="bytes per expert, overriding trace/profile"),
+    jobs: int = typer.Option(0, "--jobs", "-j", help="parallel processes (0: all cores)"),
+    force: bool = typer.Option(False, "--force", help="overwrite --out / --plot files"),
+) -> None:
+    """Score every policy offline: hit rate, transfers, bytes, stall and simulated tokens/s."""
+    import sys
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tracekit import policies
+    from tracekit.errors import UserError
+    from tracekit.replay import report
+    from tracekit.replay.cost import load_profile
+    from tracekit.replay.sweep import SweepConfig, load_plans, run_sweep
+
+    if fmt not in ("table", "json", "csv"):
+        raise UserError(f"--format must be table, json or csv, not {fmt!r}")
+    if steps not in ("passes", "tokens"):
+        raise UserError(f"--steps must be passes or tokens, not {steps!r}")
+    if cap < 1:
+        raise UserError("--cap must be >= 1")
+    for path in (out, plot):
+        if path:
+            report._check_new(path, force)
+    cfg = SweepConfig(policies=policies.parse(policy), capacities=_ints(capacity, "capacity"),
+                      profile=load_profile(profile), cap=cap, depth=depth, token_steps=steps == "tokens",
+                      expert_bytes=expert_mb * 1e6 if expert_mb else None, jobs=jobs)
+    err = Console(stderr=True)
+    plans = load_plans(traces, cfg.token_steps)
+    total = len(plans) * len(cfg.policies) * len(cfg.capacities)
+    with Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("replay", total=total)
+        rows = run_sweep(plans, cfg, on_done=lambda _r: bar.advance(task))
+    if fmt == "table":
+        report.render_table(rows, cfg.profile.name)
+    elif fmt == "json":
+        report.print_json(rows, sys.stdout)
+    else:
+        report.print_csv(rows, sys.stdout)
+    if out:
+        report.write_parquet(rows, out, force)
+    if plot:
+        report.write_plot(rows, plot, force)

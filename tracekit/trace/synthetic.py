@@ -9,8 +9,18 @@ hidden-state predictors have a signal to learn.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from tracekit.trace.core import Trace
+
+
+@njit(cache=True)
+def _stick(ex, stick):
+    # ex: int16[T, L, K]; where stick[t, l], token t copies token t-1's experts at layer l
+    for t in range(1, ex.shape[0]):
+        for l in range(ex.shape[1]):
+            if stick[t, l]:
+                ex[t, l, :] = ex[t - 1, l, :]
 
 
 def synthetic_trace(tokens: int = 1000, layers: int = 4, experts: int = 8, top_k: int = 2,
@@ -25,8 +35,7 @@ def synthetic_trace(tokens: int = 1000, layers: int = 4, experts: int = 8, top_k
     order = np.argsort(-g, axis=2)[:, :, :K].astype(np.int16)          # [T, L, K]
     ex[:] = order
     stick = rng.random((T, L)) < stickiness
-    for t in range(1, T):                                              # repeat the previous top-k
-        ex[t][stick[t]] = ex[t - 1][stick[t]]
+    _stick(ex, stick)                                                  # repeat the previous top-k
     w = rng.random((T, L, K)).astype(np.float32)
     w /= w.sum(axis=2, keepdims=True)
     phase = np.ones(T, dtype=np.int8)

@@ -1,0 +1,114 @@
+"""Render sweep rows: rich table, JSON lines, CSV, Parquet, and the capacity plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from tracekit.errors import UserError
+from tracekit.replay.metrics import COLUMNS
+
+JSON_KEYS = ("trace", "policy", "capacity", "applicable", "reason", "requests", "hit_rate",
+             "decode_hit_rate", "transfers_per_token", "bytes_per_token", "transfers_above_belady",
+             "stall_ms_per_token", "time_ms_per_token", "sim_tokens_per_s", "prefetch_issued",
+             "prefetch_used", "prefetch_wasted")
+
+
+def _f(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+
+def render_table(rows: list[dict], profile_name: str, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=160)
+    for trace in dict.fromkeys(r["trace"] for r in rows):
+        t = Table(title=f"{trace}  (profile {profile_name})", title_justify="left")
+        for col in ("policy", "C", "decode hit", "all hit", "xfer/tok", "GB/tok", "above MIN",
+                    "stall ms/tok", "ms/tok", "sim tok/s", "pf used/issued"):
+            t.add_column(col, justify="left" if col == "policy" else "right")
+        for r in rows:
+            if r["trace"] != trace:
+                continue
+            name = r["policy"] + (" (oracle)" if r["kind"] == "oracle" else "")
+            if not r["applicable"]:
+                t.add_row(name, str(r["capacity"]), f"[dim]not applicable: {r['reason']}[/dim]",
+                          *[""] * 8)
+                continue
+            pf = f"{r['prefetch_used']}/{r['prefetch_issued']}" if r["prefetch_issued"] else "-"
+            t.add_row(name, str(r["capacity"]), _f(r["decode_hit_rate"], ".4f"), _f(r["hit_rate"], ".4f"),
+                      _f(r["transfers_per_token"], ".2f"), _f(r["bytes_per_token"] / 1e9, ".3f"),
+                      _f(r["transfers_above_belady"], "+.2f"), _f(r["stall_ms_per_token"], ".1f"),
+                      _f(r["time_ms_per_token"], ".1f"), _f(r["sim_tokens_per_s"], ".2f"), pf)
+        console.print(t)
+
+
+def print_json(rows: list[dict], out=sys.stdout) -> None:
+    for r in rows:
+        out.write(json.dumps({k: r.get(k) for k in JSON_KEYS} | {k: r[k] for k in COLUMNS if k not in JSON_KEYS})
+                  + "\n")
+
+
+def print_csv(rows: list[dict], out=sys.stdout) -> None:
+    import csv
+
+    w = csv.DictWriter(out, fieldnames=list(COLUMNS))
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in COLUMNS})
+
+
+def _check_new(path: str, force: bool) -> None:
+    if os.path.exists(path) and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"{parent}: no such directory")
+
+
+def write_parquet(rows: list[dict], path: str, force: bool) -> None:
+    import polars as pl
+
+    _check_new(path, force)
+    df = pl.DataFrame([{k: r.get(k) for k in COLUMNS} for r in rows], infer_schema_length=None)
+    tmp = path + ".partial"
+    df.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
+def write_plot(rows: list[dict], path: str, force: bool) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'tracekit[plot]'") from None
+    _check_new(path, force)
+    traces = list(dict.fromkeys(r["trace"] for r in rows))
+    fig, axes = plt.subplots(len(traces), 2, figsize=(12, 4 * len(traces)), squeeze=False)
+    for i, trace in enumerate(traces):
+        sub = [r for r in rows if r["trace"] == trace and r["applicable"]]
+        for j, (key, label) in enumerate((("decode_hit_rate", "decode hit rate"),
+                                           ("sim_tokens_per_s", "simulated tokens/s"))):
+            ax = axes[i][j]
+            for pol in dict.fromkeys(r["policy"] for r in sub):
+                pts = sorted((r["capacity"], r[key]) for r in sub if r["policy"] == pol)
+                oracle = pol == "belady"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        linestyle="--" if oracle else "-", color="black" if oracle else None,
+                        linewidth=2.5 if oracle else 1.5, label="belady (MIN bound)" if oracle else pol)
+            ax.set_xlabel("expert slots per layer (C)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{trace}: {label}")
+            ax.grid(alpha=0.3)
+        axes[i][0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".partial.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
