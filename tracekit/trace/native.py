@@ -1,0 +1,233 @@
+"""Native tracekit trace: streaming writer and validating readers (no polars, no torch).
+
+Writing `OUT`:
+  OUT.tmp/meta.json, OUT.tmp/router.npy       written first
+  OUT.tmp/part-00000.parquet, ...             one complete Parquet file per flush (temp name, then rename)
+  close(): parts are merged into OUT.tmp/final.inprogress, renamed to OUT, and OUT.tmp/ is removed.
+A killed run leaves every flushed part readable through `read_partial` (Trace.complete = False).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tracekit.errors import UserError
+from tracekit.trace import schema as S
+from tracekit.trace.core import SCHEMA_VERSION, Trace
+
+
+class TraceWriter:
+    """Append per-step token rows; flush to a part file every `flush_rows` rows.
+
+    append() arrays: seq_id/step/phase/position/token_id [T]; experts/weights [T,L,K];
+    logits [T,L,E] (if with_logits); hidden [T,L,D] (if hidden_dim).
+    """
+
+    def __init__(self, out: str | os.PathLike, *, num_layers: int, num_experts: int, top_k: int,
+                 meta: dict, router: np.ndarray | None = None, hidden_kind: str = "none",
+                 hidden_dim: int | None = None, hidden_proj_seed: int | None = None,
+                 with_logits: bool = True, force: bool = False, flush_rows: int = 4096,
+                 flush_bytes: int = 64 << 20):
+        self.out = os.fspath(out)
+        self.tmp = self.out + ".tmp"
+        if os.path.isdir(self.out):
+            raise UserError(f"{self.out}: is a directory; choose a file name for --out")
+        if os.path.exists(self.out) and not force:
+            raise UserError(f"{self.out}: already exists (pass --force to overwrite)")
+        if os.path.exists(self.tmp):
+            if not force:
+                raise UserError(f"{self.tmp}: a partial recording is in the way (pass --force to replace it)")
+            shutil.rmtree(self.tmp) if os.path.isdir(self.tmp) else os.remove(self.tmp)
+        parent = os.path.dirname(os.path.abspath(self.out))
+        if not os.path.isdir(parent):
+            raise UserError(f"{parent}: output folder does not exist")
+        self.header = S.header_dict(num_layers, num_experts, top_k, hidden_kind,
+                                    hidden_dim if hidden_kind != "none" else None, hidden_proj_seed, with_logits)
+        self.meta = dict(meta)
+        self.router = None if router is None else np.asarray(router, dtype=np.float32)
+        self.schema = S.build_schema(num_layers, num_experts, top_k, self.header["hidden_dim"], with_logits)
+        self.flush_rows, self.flush_bytes = flush_rows, flush_bytes
+        self._buf: list[dict] = []
+        self._buf_rows = self._buf_bytes = 0
+        self.parts = 0
+        self.rows = 0
+        self.closed = False
+        os.makedirs(self.tmp)
+        if self.router is not None:
+            np.save(os.path.join(self.tmp, S.TMP_ROUTER), self.router, allow_pickle=False)
+        _atomic_write_text(os.path.join(self.tmp, S.TMP_META),
+                           json.dumps({"header": self.header, "meta": self.meta}, default=str, indent=1))
+
+    def append(self, arrays: dict[str, np.ndarray]) -> None:
+        n = int(np.asarray(arrays["seq_id"]).shape[0])
+        if n == 0:
+            return
+        self._buf.append(arrays)
+        self._buf_rows += n
+        self._buf_bytes += sum(np.asarray(a).nbytes for a in arrays.values())
+        if self._buf_rows >= self.flush_rows or self._buf_bytes >= self.flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        cat = {name: np.concatenate([b[name] for b in self._buf]) for name in self.schema.names}
+        table = S.table_from_arrays(self.schema, cat)
+        table = table.replace_schema_metadata(S.schema_metadata(self.header, self.meta, complete=False))
+        final = os.path.join(self.tmp, f"part-{self.parts:05d}.parquet")
+        tmpname = final + ".inprogress"
+        pq.write_table(table, tmpname, compression="zstd")
+        os.replace(tmpname, final)
+        self.parts += 1
+        self.rows += table.num_rows
+        self._buf, self._buf_rows, self._buf_bytes = [], 0, 0
+
+    def update_meta(self, **kv) -> None:
+        self.meta.update(kv)
+
+    def close(self) -> str:
+        """Flush, merge the parts into OUT (complete=true), remove OUT.tmp/. Returns OUT."""
+        if self.closed:
+            return self.out
+        self.flush()
+        md = S.schema_metadata(self.header, self.meta, complete=True, router=self.router)
+        schema = self.schema.with_metadata(md)
+        inprog = os.path.join(self.tmp, "final.inprogress")
+        with pq.ParquetWriter(inprog, schema, compression="zstd") as w:
+            for part in _parts(self.tmp):
+                w.write_table(pq.read_table(part).replace_schema_metadata(md))
+        os.replace(inprog, self.out)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.closed = True
+        return self.out
+
+    def abort(self) -> None:
+        """Keep what was recorded: flush the buffer and leave OUT.tmp/ as a readable partial trace."""
+        try:
+            self.flush()
+        finally:
+            self.closed = True
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    with open(path + ".inprogress", "w") as f:
+        f.write(text)
+    os.replace(path + ".inprogress", path)
+
+
+def _parts(tmpdir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(tmpdir, S.PART_GLOB)))
+
+
+def _check_header(path: str, header: dict) -> None:
+    v = header.get("schema_version")
+    if not isinstance(v, int):
+        raise UserError(f"{path}: tracekit metadata has no schema version")
+    if v > SCHEMA_VERSION:
+        raise UserError(f"{path}: schema version {v} is newer than this tracekit ({SCHEMA_VERSION}); upgrade tracekit")
+    for k in ("num_layers", "num_experts", "top_k"):
+        if not isinstance(header.get(k), int) or header[k] <= 0:
+            raise UserError(f"{path}: tracekit metadata lacks a valid {k}")
+
+
+def _trace_from_table(path: str, table: pa.Table, header: dict, meta: dict, router, complete: bool,
+                      load_hidden: bool) -> Trace:
+    L, E, K = header["num_layers"], header["num_experts"], header["top_k"]
+    D = header.get("hidden_dim")
+    expected = S.build_schema(L, E, K, D, header.get("with_logits", True))
+    for f in expected:
+        if f.name == "hidden" and not load_hidden:
+            continue
+        if f.name not in table.schema.names or not table.schema.field(f.name).type.equals(f.type):
+            raise UserError(f"{path}: column {f.name!r} is missing or has the wrong type for schema "
+                            f"version {SCHEMA_VERSION}")
+    base = {c: table.column(c).to_numpy() for c in S.BASE_COLUMNS}
+    logits = S.list_column(table, "logits", E, np.float32) if "logits" in expected.names else None
+    hidden = S.list_column(table, "hidden", D, np.float16) if (D and load_hidden) else None
+    return Trace(
+        path=path, format="tracekit", complete=complete, num_layers=L, num_experts=E, top_k=K,
+        seq_id=base["seq_id"].astype(np.int32), step=base["step"].astype(np.int32),
+        phase=base["phase"].astype(np.int8), position=base["position"].astype(np.int32),
+        token_id=base["token_id"].astype(np.int32),
+        experts=S.list_column(table, "experts", K, np.int16),
+        weights=S.list_column(table, "weights", K, np.float32),
+        logits=logits, hidden=hidden, router=router,
+        hidden_kind=header.get("hidden_kind", "none"), hidden_proj_seed=header.get("hidden_proj_seed"),
+        meta=meta,
+    )
+
+
+def _columns(schema: pa.Schema, load_hidden: bool) -> list[str]:
+    return [n for n in schema.names if load_hidden or n != "hidden"]
+
+
+def read_native(path: str, load_hidden: bool = True) -> Trace:
+    try:
+        pf = pq.ParquetFile(path)
+        md = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
+        header = json.loads(md[S.KEY_HEADER])
+        meta = json.loads(md.get(S.KEY_META, "{}"))
+    except (KeyError, json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: tracekit metadata is missing or unreadable") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+    _check_header(path, header)
+    router = None
+    if S.KEY_ROUTER in md:
+        try:
+            router = S.decode_array(md[S.KEY_ROUTER]).astype(np.float32, copy=False)
+        except Exception:
+            raise UserError(f"{path}: stored router weights are corrupt") from None
+    try:
+        table = pf.read(columns=_columns(pf.schema_arrow, load_hidden))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: corrupt Parquet data ({_first_line(exc)})") from None
+    complete = md.get(S.KEY_COMPLETE, "false") == "true"
+    return _trace_from_table(path, table, header, meta, router, complete, load_hidden)
+
+
+def read_partial(path: str, load_hidden: bool = True) -> Trace:
+    """Read OUT.tmp/ (a recording in progress or killed): every flushed part, complete=False."""
+    tmpdir = path if os.path.isdir(path) else path
+    if not os.path.isdir(tmpdir):
+        raise UserError(f"{path}: no such partial recording directory")
+    try:
+        with open(os.path.join(tmpdir, S.TMP_META)) as f:
+            info = json.load(f)
+        header, meta = info["header"], info.get("meta", {})
+    except (OSError, KeyError, json.JSONDecodeError):
+        raise UserError(f"{path}: not a tracekit partial recording (meta.json missing or unreadable)") from None
+    _check_header(path, header)
+    router = None
+    rpath = os.path.join(tmpdir, S.TMP_ROUTER)
+    if os.path.exists(rpath):
+        try:
+            router = np.load(rpath, allow_pickle=False).astype(np.float32, copy=False)
+        except Exception:
+            router = None
+    schema = S.build_schema(header["num_layers"], header["num_experts"], header["top_k"],
+                            header.get("hidden_dim"), header.get("with_logits", True))
+    cols = _columns(schema, load_hidden)
+    tables = []
+    for part in _parts(tmpdir):
+        try:
+            tables.append(pq.read_table(part, columns=cols).replace_schema_metadata(None))
+        except (pa.ArrowInvalid, OSError):
+            break  # a damaged part ends the readable prefix
+    if tables:
+        table = pa.concat_tables(tables)
+    else:
+        table = schema.empty_table().select(cols)
+    return _trace_from_table(path, table, header, meta, router, complete=False, load_hidden=load_hidden)
+
+
+def _first_line(exc: Exception) -> str:
+    s = str(exc)
+    return s.splitlines()[0] if s else type(exc).__name__
