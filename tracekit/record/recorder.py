@@ -114,6 +114,7 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
             arrays = rh.collect()
             t0 = time.perf_counter()
             writer.append(arrays)
+            writer.flush()  # one part file per drain: a killed run keeps everything drained so far
             stats["write_s"] += time.perf_counter() - t0
 
     def on_step(n_new: int):

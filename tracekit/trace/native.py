@@ -101,8 +101,16 @@ class TraceWriter:
         schema = self.schema.with_metadata(md)
         inprog = os.path.join(self.tmp, "final.inprogress")
         with pq.ParquetWriter(inprog, schema, compression="zstd") as w:
+            group, rows, nbytes = [], 0, 0     # merge small parts into row groups of ~flush_rows
             for part in _parts(self.tmp):
-                w.write_table(pq.read_table(part).replace_schema_metadata(md))
+                t = pq.read_table(part).replace_schema_metadata(md)
+                group.append(t)
+                rows, nbytes = rows + t.num_rows, nbytes + t.nbytes
+                if rows >= self.flush_rows or nbytes >= self.flush_bytes:
+                    w.write_table(pa.concat_tables(group), row_group_size=rows)
+                    group, rows, nbytes = [], 0, 0
+            if group:
+                w.write_table(pa.concat_tables(group), row_group_size=rows)
         os.replace(inprog, self.out)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.closed = True

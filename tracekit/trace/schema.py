@@ -91,4 +91,4 @@ def list_column(table: pa.Table, name: str, inner: int, dtype) -> np.ndarray:
     col = table.column(name).combine_chunks()
     T = len(col)
     values = col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    return values.reshape(T, -1, inner)
+    return values.reshape(T, col.type.list_size // inner, inner)

@@ -1,0 +1,192 @@
+"""Native trace format: round trip, partial recordings, validation errors (no torch needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tracekit.errors import UserError
+from tracekit.trace import SCHEMA_VERSION, read_trace
+from tracekit.trace import schema as S
+from tracekit.trace.native import TraceWriter
+
+L, E, K, D, H = 3, 8, 2, 5, 16
+
+
+def _rows(rng, step: int, n: int) -> dict:
+    return dict(seq_id=np.arange(n, dtype=np.int32), step=np.full(n, step, np.int32),
+                phase=np.full(n, 0 if step == 0 else 1, np.int8), position=np.arange(n, dtype=np.int32) + step,
+                token_id=rng.integers(3, 200, n).astype(np.int32),
+                experts=rng.integers(0, E, (n, L, K)).astype(np.int16),
+                weights=rng.random((n, L, K)).astype(np.float32),
+                logits=rng.standard_normal((n, L, E)).astype(np.float32),
+                hidden=rng.standard_normal((n, L, D)).astype(np.float16))
+
+
+def _writer(out, **kw) -> TraceWriter:
+    args = dict(num_layers=L, num_experts=E, top_k=K, meta={"model": "unit", "num_layers": L},
+                router=np.arange(L * E * H, dtype=np.float32).reshape(L, E, H), hidden_kind="proj:5",
+                hidden_dim=D, hidden_proj_seed=7)
+    args.update(kw)
+    return TraceWriter(out, **args)
+
+
+def _cat(rows: list[dict]) -> dict:
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_round_trip_all_columns(tmp_path):
+    rng = np.random.default_rng(0)
+    out = tmp_path / "t.parquet"
+    w = _writer(out, flush_rows=4)
+    rows = [_rows(rng, s, 3) for s in range(6)]
+    for r in rows:
+        w.append(r)
+    w.close()
+    assert out.exists() and not (tmp_path / "t.parquet.tmp").exists()
+    t = read_trace(out)
+    want = _cat(rows)
+    assert t.format == "tracekit" and t.complete and t.num_tokens == 18 and t.num_steps == 6
+    assert (t.num_layers, t.num_experts, t.top_k) == (L, E, K)
+    for k in ("seq_id", "step", "phase", "position", "token_id"):
+        np.testing.assert_array_equal(getattr(t, k), want[k])
+    np.testing.assert_array_equal(t.experts, want["experts"])
+    np.testing.assert_array_equal(t.weights, want["weights"])
+    np.testing.assert_array_equal(t.logits, want["logits"])
+    np.testing.assert_array_equal(t.hidden, want["hidden"])
+    assert t.hidden.dtype == np.float16 and t.experts.dtype == np.int16
+    np.testing.assert_array_equal(t.router, np.arange(L * E * H, dtype=np.float32).reshape(L, E, H))
+    assert t.hidden_kind == "proj:5" and t.hidden_proj_seed == 7 and t.meta["model"] == "unit"
+    md = pq.read_schema(out).metadata
+    assert md[S.KEY_VERSION.encode()] == str(SCHEMA_VERSION).encode()
+    assert md[S.KEY_COMPLETE.encode()] == b"true"
+
+
+def test_load_hidden_false_skips_column(tmp_path):
+    rng = np.random.default_rng(1)
+    out = tmp_path / "t.parquet"
+    w = _writer(out)
+    w.append(_rows(rng, 0, 4))
+    w.close()
+    t = read_trace(out, load_hidden=False)
+    assert t.hidden is None and t.hidden_kind == "proj:5" and t.logits.shape == (4, L, E)
+
+
+def test_partial_recording_is_readable_and_incomplete(tmp_path):
+    rng = np.random.default_rng(2)
+    out = tmp_path / "p.parquet"
+    w = _writer(out, flush_rows=3)
+    rows = [_rows(rng, s, 3) for s in range(4)]
+    for r in rows:
+        w.append(r)
+    w.append(_rows(rng, 4, 2))      # buffered, not flushed: lost if the process dies now
+    tmp = tmp_path / "p.parquet.tmp"
+    assert sorted(os.listdir(tmp)) == ["meta.json", "part-00000.parquet", "part-00001.parquet",
+                                       "part-00002.parquet", "part-00003.parquet", "router.npy"]
+    for part in sorted(tmp.glob("part-*.parquet")):  # every part is a complete Parquet file with metadata
+        assert pq.read_schema(part).metadata[S.KEY_COMPLETE.encode()] == b"false"
+    for path in (out, tmp):  # X (missing) falls back to X.tmp; X.tmp directly
+        t = read_trace(path)
+        assert not t.complete and t.num_tokens == 12
+        np.testing.assert_array_equal(t.experts, _cat(rows)["experts"])
+        assert t.router.shape == (L, E, H)
+    w.abort()
+    assert read_trace(out).num_tokens == 14
+
+
+def test_empty_partial(tmp_path):
+    out = tmp_path / "e.parquet"
+    _writer(out)
+    t = read_trace(out)
+    assert not t.complete and t.num_tokens == 0 and t.experts.shape == (0, L, K)
+
+
+def test_existing_out_not_clobbered(tmp_path):
+    out = tmp_path / "x.parquet"
+    out.write_bytes(b"precious")
+    with pytest.raises(UserError, match="already exists"):
+        _writer(out)
+    assert out.read_bytes() == b"precious" and not (tmp_path / "x.parquet.tmp").exists()
+    w = _writer(out, force=True)
+    w.append(_rows(np.random.default_rng(3), 0, 2))
+    w.close()
+    assert read_trace(out).num_tokens == 2
+
+
+def test_leftover_tmp_needs_force(tmp_path):
+    out = tmp_path / "y.parquet"
+    _writer(out)
+    with pytest.raises(UserError, match="partial recording"):
+        _writer(out)
+    _writer(out, force=True).close()
+    assert read_trace(out).complete
+
+
+def _rewrite_meta(src, dst, **changes):
+    table = pq.read_table(src)
+    md = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    md.update(changes)
+    pq.write_table(table.replace_schema_metadata(md), dst)
+
+
+def test_newer_schema_version_rejected(tmp_path):
+    out = tmp_path / "v.parquet"
+    w = _writer(out)
+    w.append(_rows(np.random.default_rng(4), 0, 2))
+    w.close()
+    header = json.loads(pq.read_schema(out).metadata[S.KEY_HEADER.encode()])
+    header["schema_version"] = SCHEMA_VERSION + 1
+    _rewrite_meta(out, tmp_path / "v2.parquet", **{S.KEY_HEADER: json.dumps(header)})
+    with pytest.raises(UserError, match="newer"):
+        read_trace(tmp_path / "v2.parquet")
+    _rewrite_meta(out, tmp_path / "v3.parquet", **{S.KEY_HEADER: "{not json"})
+    with pytest.raises(UserError, match="metadata"):
+        read_trace(tmp_path / "v3.parquet")
+
+
+def test_wrong_column_type_rejected(tmp_path):
+    out = tmp_path / "c.parquet"
+    w = _writer(out)
+    w.append(_rows(np.random.default_rng(5), 0, 2))
+    w.close()
+    table = pq.read_table(out)
+    bad = table.set_column(table.schema.get_field_index("experts"), "experts",
+                           pa.array([[1, 2]] * 2, type=pa.list_(pa.int64())))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match="experts"):
+        read_trace(tmp_path / "bad.parquet")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not parquet", "truncate"])
+def test_corrupt_files_give_user_error(tmp_path, content):
+    good = tmp_path / "g.parquet"
+    w = _writer(good)
+    w.append(_rows(np.random.default_rng(6), 0, 5))
+    w.close()
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2] if content == "truncate" else content)
+    with pytest.raises(UserError, match="bad.parquet"):
+        read_trace(bad)
+
+
+def test_foreign_and_missing(tmp_path):
+    pq.write_table(pa.table({"a": [1, 2]}), tmp_path / "f.parquet")
+    with pytest.raises(UserError, match="not a routing trace"):
+        read_trace(tmp_path / "f.parquet")
+    with pytest.raises(UserError, match="no such file"):
+        read_trace(tmp_path / "nope.parquet")
+
+
+def test_writer_and_record_path_do_not_import_polars_or_torch_eagerly():
+    code = ("import sys; import tracekit.trace.native, tracekit.record.recorder, tracekit.record.hooks, "
+            "tracekit.record.generate, tracekit.record.models, tracekit.record.adapters, tracekit.record.prompts; "
+            "bad = [m for m in ('polars', 'torch', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
