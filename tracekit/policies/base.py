@@ -61,6 +61,11 @@ class PolicySpec:
     def prefetches(self) -> bool:
         return self.kind == "prefetch"
 
+    @property
+    def observes(self) -> bool:
+        # False when observe is the shared no-op: the engines may then skip `after` on prefill
+        return self.observe is not noop_observe
+
 
 # ---- shared building blocks (numba) -------------------------------------------------------
 

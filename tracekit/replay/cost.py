@@ -101,7 +101,7 @@ def load_profile(name_or_path: str) -> Profile:
         raise UserError(f"{name_or_path}: not a valid hardware profile ({exc})") from None
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def interp(tok, sec, n):
     # piecewise-linear time for n tokens; beyond the table, grows linearly from the last point
     if n <= tok[0]:
@@ -117,7 +117,7 @@ def new_timeline(L: int, E: int, C: int):
     return (np.zeros((L, E)), np.zeros((L, C)), np.zeros(5))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def enqueue_copies(sc, tl, act, n, t_issue):
     # every MISS/PREFETCH row (kind != 0) of act[:n] becomes one FIFO copy issued at t_issue
     ready, slot_free, acc = tl
@@ -133,7 +133,7 @@ def enqueue_copies(sc, tl, act, n, t_issue):
         ready[l, e] = start + dur
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def layer_time(sc, ffn_tok, ffn_s, tl, act, n, req_ntok, ntok, cursor):
     # One layer of one step. act[:n] from controller.serve; req_ntok: this layer's request sizes.
     ready, slot_free, acc = tl

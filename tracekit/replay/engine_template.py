@@ -36,7 +36,7 @@ from tracekit.replay.cost import enqueue_copies, layer_time
 # {POLICY_BINDINGS}
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _evict(ctl, st, l, v):
     resident, slot_of, slot_owner, nres, pf, want = ctl[0], ctl[1], ctl[2], ctl[3], ctl[4], ctl[5]
     cnt, q = ctl[8], ctl[7]
@@ -54,7 +54,7 @@ def _evict(ctl, st, l, v):
     cnt[C_EVICT] += 1
     return s
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _take_slot(ctl, st, l, demand):
     # A free slot, or evict the policy's victim. Returns (slot, victim or -1); slot -1: none free.
     resident, slot_owner, nres, want, cand = ctl[0], ctl[2], ctl[3], ctl[5], ctl[9]
@@ -77,7 +77,7 @@ def _take_slot(ctl, st, l, demand):
     v = victim(st, l, cand)
     return _evict(ctl, st, l, v), v
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _emit(act, n, kind, l, e, s, i):
     act[n, 0] = kind
     act[n, 1] = l
@@ -86,7 +86,7 @@ def _emit(act, n, kind, l, e, s, i):
     act[n, 4] = i
     return n + 1
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _issue(ctl, st, pos, decode, act, n):
     resident, slot_of, slot_owner, nres, pf, want, queue, q, cnt = ctl[:9]
     while q[Q_INFLIGHT] < q[Q_CAP] and q[Q_HEAD] != q[Q_TAIL]:
@@ -122,7 +122,7 @@ def _issue(ctl, st, pos, decode, act, n):
         n = _emit(act, n, PREFETCH, l, e, s, -1)
     return n
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def serve(ctl, st, pos, l, req_e, now0, req_next, decode, act):
     resident, slot_of, slot_owner, nres, pf, want, queue, q, cnt = ctl[:9]
     n = 0
@@ -171,7 +171,7 @@ def serve(ctl, st, pos, l, req_e, now0, req_next, decode, act):
             want[l, e] = -1
     return _issue(ctl, st, pos, decode, act, n)
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def after(ctl, st, pos, l, tok_ex, hid, decode, predict_on, act):
     # tok_ex: int16[B, K] experts of the step's tokens at layer l; hid: float32[B, D] (D may be 0)
     resident, pf, want, queue, q, cnt, pred = ctl[0], ctl[4], ctl[5], ctl[6], ctl[7], ctl[8], ctl[10]
@@ -224,7 +224,7 @@ def finish(ctl):
 
 @njit(cache=True)
 def run(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, req_e, req_ntok,
-        req_next, predict_on):
+        req_next, predict_on, observe_on):
     # Walk every (step, layer): controller.serve -> cost of the layer -> controller.after ->
     # prefetch copies. Returns (total_s, decode_s, decode_tokens, decode_stall_s, decode_compute_s).
     S = decode.shape[0]
@@ -247,8 +247,9 @@ def run(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, 
             a, b = req_ptr[pos], req_ptr[pos + 1]
             n = serve(ctl, st, pos, l, req_e[a:b], a, req_next[a:b], dec, act)
             cursor = layer_time(sc, ffn_tok, ffn_s, tl, act, n, req_ntok[a:b], ntok, cursor)
-            m = after(ctl, st, pos, l, tok_ex[t0:t1, l], hid[t0:t1, l], dec, predict_on and dec, act)
-            enqueue_copies(sc, tl, act, m, cursor)
+            if observe_on or (predict_on and dec):
+                m = after(ctl, st, pos, l, tok_ex[t0:t1, l], hid[t0:t1, l], dec, predict_on and dec, act)
+                enqueue_copies(sc, tl, act, m, cursor)
         if dec:
             dec_time += cursor - start
             dec_tok += ntok

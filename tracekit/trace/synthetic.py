@@ -15,6 +15,26 @@ from tracekit.trace.core import Trace
 
 
 @njit(cache=True)
+def _draw(cdf, T, K, seed):
+    # K distinct experts per (token, layer), each drawn from the layer's popularity (cdf: [L, E])
+    np.random.seed(seed)
+    L, E = cdf.shape
+    ex = np.empty((T, L, K), dtype=np.int16)
+    for t in range(T):
+        for l in range(L):
+            k = 0
+            while k < K:
+                e = np.int16(min(np.searchsorted(cdf[l], np.random.random() * cdf[l, -1]), E - 1))
+                dup = False
+                for j in range(k):
+                    dup = dup or ex[t, l, j] == e
+                if not dup:
+                    ex[t, l, k] = e
+                    k += 1
+    return ex
+
+
+@njit(cache=True)
 def _stick(ex, stick):
     # ex: int16[T, L, K]; where stick[t, l], token t copies token t-1's experts at layer l
     for t in range(1, ex.shape[0]):
@@ -29,11 +49,7 @@ def synthetic_trace(tokens: int = 1000, layers: int = 4, experts: int = 8, top_k
     rng = np.random.default_rng(seed)
     T, L, E, K = tokens, layers, experts, top_k
     pop = rng.dirichlet(np.full(E, 0.7), size=L)                      # [L, E] popularity
-    ex = np.empty((T, L, K), dtype=np.int16)
-    # draw K distinct experts per (token, layer) by Gumbel top-k over log-popularity
-    g = rng.gumbel(size=(T, L, E)) + np.log(pop)[None]
-    order = np.argsort(-g, axis=2)[:, :, :K].astype(np.int16)          # [T, L, K]
-    ex[:] = order
+    ex = _draw(np.cumsum(pop, axis=1), T, K, seed)                     # [T, L, K] distinct per row
     stick = rng.random((T, L)) < stickiness
     _stick(ex, stick)                                                  # repeat the previous top-k
     w = rng.random((T, L, K)).astype(np.float32)
