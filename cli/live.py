@@ -1,1 +1,130 @@
-"""tracekit live (placeholder until its issue lands)."""
+"""tracekit live: run a policy on a real GPU (trace-driven or model-driven), or calibrate the GPU."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from tracekit.cli.app import app
+from tracekit.errors import UserError
+
+
+@app.command("live")
+def live(
+    policy: str = typer.Option("lru", help="policy name (tracekit.policies)"),
+    trace: Optional[str] = typer.Option(None, help="trace file: trace-driven mode"),
+    capacity: int = typer.Option(2, help="GPU expert slots per layer (C)"),
+    cap: int = typer.Option(2, help="prefetches in flight (throttle)"),
+    chunk_mb: float = typer.Option(16.0, "--chunk-mb", help="copy/FFN chunk in MB (0: whole experts; else >= 4)"),
+    layers: Optional[int] = typer.Option(None, help="use the first N layers (default: all that fit in host RAM)"),
+    max_tokens: int = typer.Option(100, help="decode tokens per run (trace-driven) / new tokens (model-driven)"),
+    profile: str = typer.Option("h100-pcie5", help="hardware profile for replay's prediction"),
+    fmt: str = typer.Option("table", "--format", help="table | json"),
+    model: Optional[str] = typer.Option(None, help="tiny-mixtral | PATH | mixtral: model-driven mode"),
+    random_weights: bool = typer.Option(False, help="random weights for --model"),
+    prompts: Optional[str] = typer.Option(None, help="prompts file (text lines or jsonl) for --model"),
+    calibrate: bool = typer.Option(False, help="measure this GPU and write a hardware profile (--out)"),
+    out: Optional[str] = typer.Option(None, help="profile path for --calibrate"),
+    device: str = typer.Option("cuda", help="cuda (cpu only for tests: meaningless timings)"),
+    dry_run: bool = typer.Option(False, help="bookkeeping only (no GPU): counters as live/replay count them"),
+) -> None:
+    """Execute a policy's decisions with pinned experts, real copies and real FFNs; compare with replay."""
+    if fmt not in ("table", "json"):
+        raise UserError(f"--format {fmt!r}: expected table or json")
+    if chunk_mb != 0 and chunk_mb < 4:
+        raise UserError(f"--chunk-mb {chunk_mb:g}: chunks under 4 MB lose bandwidth; use 0 (off) or >= 4")
+    from tracekit import policies as P
+
+    P.get(policy)
+    if calibrate:
+        return _calibrate(out)
+    if not trace and not model:
+        raise UserError("give --trace T (trace-driven), --model M (model-driven) or --calibrate --out FILE")
+    if not dry_run and device.startswith("cuda"):
+        from tracekit.live.session import need_cuda
+
+        need_cuda()
+    from tracekit.live import session
+
+    if trace:
+        shapes = session.MIXTRAL
+        if model:
+            shapes = session.shapes_from_config(_config(model))
+        rows = _interruptible(lambda: session.trace_sweep(
+            trace, [policy], [capacity], cap, (chunk_mb,), layers, max_tokens, profile, device, dry_run,
+            shapes, log=_log))
+        return _print_rows(rows, fmt)
+    res = _interruptible(lambda: session.model_run(model, policy, capacity, cap, chunk_mb, random_weights,
+                                                   prompts, layers, max_tokens, device, log=_log))
+    print(json.dumps(res, indent=2) if fmt == "json" else
+          f"identical={res['identical']}  resident {res['resident_tok_s']:.2f} tok/s  offloaded "
+          f"{res['offloaded_tok_s']:.2f} tok/s  hit {res['hit_rate']:.3f}")
+    if not res["identical"]:
+        raise UserError("offloaded greedy output differs from the resident model")
+
+
+def _config(model: str):
+    from transformers import AutoConfig
+
+    from tracekit.record.models import TINY_ALIASES, mixtral_8x7b_config, resolve, tiny_config
+
+    kind, path = resolve(model, True)
+    if kind == "tiny":
+        return tiny_config(TINY_ALIASES[model])
+    return mixtral_8x7b_config() if kind == "builtin-mixtral" else AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def _interruptible(fn):
+    # every store is freed by its owner's finally; Ctrl-C surfaces as KeyboardInterrupt -> exit 130
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        import sys
+
+        print("interrupted: pinned memory freed", file=sys.stderr)
+        raise
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
+
+
+def _calibrate(out: Optional[str]) -> None:
+    if not out:
+        raise UserError("--calibrate needs --out profile.json")
+    from tracekit.live.calibrate import calibrate, write
+    from tracekit.live.session import need_cuda
+
+    need_cuda()
+    import os
+
+    prof = _interruptible(lambda: calibrate(name=os.path.splitext(os.path.basename(out))[0], log=_log))
+    write(prof, out)
+    print(f"wrote {out}: {prof['h2d_GBps']} GB/s H2D, {prof['copy_overhead_us']} us per copy, "
+          f"FFN 1 token {prof['ffn_ms']['1']} ms, attention {prof['attn_ms']} ms/layer on {prof['card']}")
+
+
+def _print_rows(rows: list, fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table()
+    cols = [("policy", "policy", "{}"), ("C", "capacity", "{}"), ("chunks", "chunks", "{}"),
+            ("live tok/s", "live_tok_s", "{:.2f}"), ("pred tok/s", "pred_tok_s", "{:.2f}"),
+            ("pred/live", "ratio_pred_live", "{:.2f}"), ("hit", "hit_rate", "{:.3f}"),
+            ("MB/tok", "bytes_per_token_MB", "{:.0f}"), ("GB/s", "achieved_GBps", "{:.1f}"),
+            ("stall ms/tok", "stall_ms_per_token", "{:.2f}"), ("compute ms/tok", "compute_ms_per_token", "{:.2f}"),
+            ("policy ms/tok", "policy_ms_per_token", "{:.3f}"), ("eff", "efficiency", "{:.2f}"),
+            ("= replay", "bookkeeping_equal", "{}")]
+    for h, _, _ in cols:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*[f.format(r[k]) for _, k, f in cols])
+    Console().print(t)

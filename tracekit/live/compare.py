@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
-from tracekit.replay.cost import Profile, interp
+from tracekit.replay.cost import Profile, interp, load_profile
 from tracekit.replay.engine import replay_one
 
 
-def profile_for(profile: Profile, chunks: int, chunk_mb: float) -> Profile:
+def load_with_extras(name_or_path: str) -> tuple[Profile, dict]:
+    """load_profile plus the raw JSON (for keys replay ignores, such as h2d_chunk_GBps)."""
+    import json
+    import os
+    from importlib import resources
+
+    prof = load_profile(name_or_path)
+    if os.path.exists(name_or_path):
+        raw = json.loads(open(name_or_path).read())
+    else:
+        raw = json.loads((resources.files("tracekit.replay") / "profiles" / f"{name_or_path}.json").read_text())
+    return prof, raw
+
+
+def profile_for(profile: Profile, chunks: int, chunk_mb: float, raw: dict | None = None) -> Profile:
     """The profile as the live run uses it: its chunk count, and the bandwidth measured at that chunk size."""
     bw = profile.h2d_GBps
-    table = getattr(profile, "_chunk_bw", None) or {}
+    table = (raw or {}).get("h2d_chunk_GBps") or {}
     if chunks > 1 and table:
         sizes = sorted(float(k) for k in table)
         near = min(sizes, key=lambda k: abs(k - chunk_mb))
@@ -85,7 +97,3 @@ def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_n
         "efficiency": eff,
         "counters": dict(c),
     }
-
-
-def _unused():  # keep numpy import honest for linters
-    return np

@@ -40,16 +40,21 @@ def check_fits(nbytes: int, what: str, headroom: float = 0.85, avail: int | None
 
 
 class ExpertStore:
-    """layers[l]: bf16 [E, numel] on the host, pinned (cudaHostRegister) when `pin`."""
+    """layers[l]: [E, numel] (bf16 unless `dtype`) on the host, pinned (cudaHostRegister) when `pin`.
+
+    fill: "random" (one random expert replicated) or "none" (the caller copies real weights in).
+    """
 
     def __init__(self, L: int, E: int, numel: int, *, pin: bool, fill: str = "random", seed: int = 0,
-                 check: bool = True):
+                 check: bool = True, dtype=None):
         import torch
 
+        dtype = dtype or torch.bfloat16
+        esize = torch.empty((), dtype=dtype).element_size()
         self.L, self.E, self.numel = L, E, numel
-        self.nbytes = L * E * numel * 2
+        self.nbytes = L * E * numel * esize
         if check:
-            check_fits(self.nbytes, f"the expert store ({L} layers x {E} experts x {numel * 2 / 1e6:.0f} MB)")
+            check_fits(self.nbytes, f"the expert store ({L} layers x {E} experts x {numel * esize / 1e6:.0f} MB)")
         self.layers: list = []
         self._registered: list = []
         self.pinned = False
@@ -58,9 +63,9 @@ class ExpertStore:
             if fill == "random":
                 g = torch.Generator().manual_seed(seed)
                 # one expert of random values (std 0.02), replicated by memcpy: values do not change timings
-                src = (torch.randn(numel, generator=g, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+                src = (torch.randn(numel, generator=g, dtype=torch.float32) * 0.02).to(dtype)
             for _ in range(L):
-                t = torch.empty((E, numel), dtype=torch.bfloat16)
+                t = torch.empty((E, numel), dtype=dtype)
                 if src is not None:
                     for e in range(E):
                         t[e].copy_(src)

@@ -1,0 +1,65 @@
+"""GPU checks for tracekit live (run on the GPU machine: pytest -m gpu)."""
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+TRACES = os.environ.get("TRACEKIT_TRACES", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces"))
+DEC = os.path.join(TRACES, "mixtral8x7b_humaneval_2probs_decode.parquet")
+
+
+@pytest.fixture(scope="module")
+def torch():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    return torch
+
+
+def test_chunked_ffn_equals_whole(torch):
+    from tracekit.live.ffn import chunk_rows, ffn_rows
+
+    H, F = 256, 1024
+    w = (torch.randn(F, 3, H, device="cuda") * 0.05).to(torch.bfloat16)
+    x = torch.randn(3, H, device="cuda").to(torch.bfloat16)
+    whole = torch.zeros(3, H, device="cuda", dtype=torch.float32)
+    ffn_rows(x.float(), w.float(), whole, 0, F)
+    part = torch.zeros(3, H, device="cuda", dtype=torch.float32)
+    for f0, f1 in chunk_rows(F, H, 0.3):
+        ffn_rows(x.float(), w.float(), part, f0, f1)
+    assert torch.allclose(whole, part, rtol=1e-4, atol=1e-4)
+    ref = (torch.nn.functional.silu(x.float() @ w[:, 0].float().T) * (x.float() @ w[:, 1].float().T)) @ w[:, 2].float()
+    assert torch.allclose(whole, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_pinned_store_registers_and_frees(torch):
+    from tracekit.live.store import ExpertStore
+
+    st = ExpertStore(1, 2, 1 << 20, pin=True)
+    assert st.pinned and st.layers[0].is_pinned()
+    st.free()
+    assert not st.pinned and st.layers == []
+
+
+@pytest.mark.skipif(not os.path.exists(DEC), reason="shared trace not found")
+def test_live_counters_equal_replay_small_shapes(torch):
+    from tracekit.live.executor import Shapes
+    from tracekit.live.session import trace_sweep
+
+    sh = Shapes(32, 8, 512, 1024, 128)
+    rows = trace_sweep(DEC, ["lru", "markov"], [2], 2, (0.0, 4.0), 4, 12, "h100-pcie5", "cuda", shapes=sh,
+                       log=lambda m: None)
+    assert all(r["bookkeeping_equal"] for r in rows)
+    assert all(r["live_tok_s"] > 0 and r["achieved_GBps"] > 1 for r in rows)
+
+
+def test_model_driven_tiny_identical(torch):
+    from tracekit.live.session import model_run
+
+    for pol in ("lru", "markov"):
+        r = model_run("tiny-mixtral", pol, 2, 2, 4.0, random_weights=True, max_tokens=12, device="cuda",
+                      n_prompts=2, log=lambda m: None)
+        assert r["identical"], r

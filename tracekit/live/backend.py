@@ -1,0 +1,200 @@
+"""Model-driven mode: a transformers ExpertsInterface backend whose experts live in the pinned store.
+
+Every Mixtral experts module is served by one OffloadRunner through the SAME controller functions
+as replay (serve -> copies -> expert math -> after -> prefetch copies). Non-expert weights stay on
+the device. The expert math is transformers' eager Mixtral code, line for line, with the expert's
+weights read from its GPU slot (same shapes and layout as gate_up_proj[e] / down_proj[e]); each
+expert's weighted output is kept and index_add_-ed in ascending expert order, as eager does, so
+greedy output is identical to the model run with experts_implementation="eager".
+The routing must reach the host to decide copies: one device->host copy of top_k_index per layer
+(inherent to model-driven offloading; the trace-driven executor has none).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tracekit.errors import UserError
+from tracekit.live.copier import Copier
+from tracekit.live.store import ExpertStore
+from tracekit.policies import NotApplicable, PolicyContext
+from tracekit.policies.base import NEVER
+from tracekit.replay import controller as ctlmod
+
+NAME = "tracekit_offload"
+HIT, PREFETCH = ctlmod.HIT, ctlmod.PREFETCH
+
+
+def experts_modules(model) -> list:
+    mods = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]
+    if not mods:
+        raise UserError(f"{type(model).__name__}: no fused experts modules (gate_up_proj/down_proj) found")
+    return mods
+
+
+def set_impl(model, name: str) -> None:
+    """Select the experts implementation (the config attribute the experts forward dispatches on)."""
+    model.config._experts_implementation = name
+    for m in experts_modules(model):
+        m.config._experts_implementation = name
+
+
+def _forward(self, hidden_states, top_k_index, top_k_weights):
+    return self._tk_runner.forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def register() -> None:
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(NAME, _forward)
+
+
+class OffloadRunner:
+    def __init__(self, model, spec, capacity: int, cap: int = 2, chunk_mb: float = 16.0,
+                 params: dict | None = None, decode_tokens: int = 1):
+        import torch
+
+        if spec.kind == "oracle":
+            raise UserError(f"policy {spec.name} is an oracle (needs future requests): trace-driven mode only")
+        mods = experts_modules(model)
+        cfg = model.config
+        self.L, self.E, self.K = len(mods), int(mods[0].num_experts), int(cfg.num_experts_per_tok)
+        self.C = capacity
+        if not 1 <= capacity <= self.E:
+            raise UserError(f"--capacity {capacity}: must be between 1 and {self.E}")
+        dev = mods[0].gate_up_proj.device
+        dt = mods[0].gate_up_proj.dtype
+        twoF, H = mods[0].gate_up_proj.shape[1:]
+        F = twoF // 2
+        self.shape_gu, self.shape_dn = (twoF, H), (H, F)
+        gu = twoF * H
+        numel = gu + H * F
+        self.store = ExpertStore(self.L, self.E, numel, pin=dev.type == "cuda", fill="none", dtype=dt)
+        try:
+            for l, m in enumerate(mods):
+                self.store.layers[l][:, :gu].copy_(m.gate_up_proj.detach().reshape(self.E, -1))
+                self.store.layers[l][:, gu:].copy_(m.down_proj.detach().reshape(self.E, -1))
+                m.gate_up_proj = torch.nn.Parameter(torch.empty(0, device=dev, dtype=dt), requires_grad=False)
+                m.down_proj = torch.nn.Parameter(torch.empty(0, device=dev, dtype=dt), requires_grad=False)
+                m._tk_layer, m._tk_runner = l, self
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            self.slots = torch.empty((self.L, capacity, numel), device=dev, dtype=dt)   # [L, C, 2FH + HF]
+        except BaseException:
+            self.store.free()
+            raise
+        self.gu = [[self.slots[l, s, :gu].view(twoF, H) for s in range(capacity)] for l in range(self.L)]
+        self.dn = [[self.slots[l, s, gu:].view(H, F) for s in range(capacity)] for l in range(self.L)]
+        step = max(1, int(chunk_mb * 1e6 // self.slots.element_size())) if chunk_mb > 0 else numel
+        self.bounds = list(range(0, numel, step)) + [numel]
+        self.cp = Copier(dev, self.L, capacity, len(self.bounds) - 1, timing=False)
+        ctx = PolicyContext(self.L, self.E, capacity, self.K, 0, "none", None, self.K, dict(params or {}))
+        try:
+            self.st = spec.make_state(ctx)
+        except NotApplicable as exc:
+            self.store.free()
+            raise UserError(f"policy {spec.name} cannot run model-driven: {exc}") from None
+        self.spec = spec
+        self.serve, self.after, self.finish = ctlmod.build(spec)
+        self.ctl = ctlmod.new_controller(self.L, self.E, capacity, cap)
+        self.act = np.zeros((4 * self.K * 64 + 1024, 5), dtype=np.int64)
+        self.decode_tokens = decode_tokens
+        self.step, self.now = -1, 0
+        self.log: list = []          # (step, layer, experts int16[n, K], decode) for bookkeeping checks
+        register()
+        set_impl(model, NAME)
+
+    # ---- the experts forward --------------------------------------------------------------
+    def forward(self, mod, hidden_states, top_k_index, top_k_weights):
+        import torch
+        import torch.nn.functional as Fn
+
+        l = mod._tk_layer
+        if l == 0:
+            self.step += 1
+        n = hidden_states.shape[0]
+        idx = top_k_index.to("cpu").numpy().astype(np.int16)          # [n, K]: the one sync per layer
+        flat = idx.reshape(-1)
+        _, first = np.unique(flat, return_index=True)
+        req_e = flat[np.sort(first)]                                   # distinct, (token, rank) order
+        dec = n <= self.decode_tokens
+        pos = self.step * self.L + l
+        self.log.append((self.step, l, idx, dec))
+        req_next = np.full(req_e.shape[0], NEVER, dtype=np.int64)
+        m = self.serve(self.ctl, self.st, pos, l, req_e, self.now, req_next, dec, self.act)
+        self.now += req_e.shape[0]
+        rows = self.act[:m].tolist()
+        cp = self.cp
+        route = cp.mark("route")
+        last_user, deferred = {}, {}
+        for i, r in enumerate(rows):
+            kind, ll, sl = r[0], r[1], r[3]
+            if kind != HIT:
+                if ll == l and sl in last_user:
+                    deferred.setdefault(last_user[sl], []).append(r)
+                else:
+                    self._copy(r, route)
+            if kind != PREFETCH:
+                last_user[sl] = i
+        with torch.no_grad():
+            expert_mask = Fn.one_hot(top_k_index, num_classes=self.E + 1).permute(2, 1, 0)
+            outs = {}
+            for i, r in enumerate(rows):
+                kind, e, sl = r[0], r[2], r[3]
+                if kind == PREFETCH:
+                    continue
+                if cp.pending[l][sl]:
+                    cp.wait_chunk(l, sl, len(self.bounds) - 2)         # whole expert: its last chunk
+                    cp.pending[l][sl] = False
+                top_k_pos, token_idx = torch.where(expert_mask[e])
+                current_state = hidden_states[token_idx]
+                gate, up = Fn.linear(current_state, self.gu[l][sl]).chunk(2, dim=-1)
+                cur = mod.act_fn(gate) * up
+                cur = Fn.linear(cur, self.dn[l][sl])
+                cur = cur * top_k_weights[token_idx, top_k_pos, None]
+                outs[e] = (token_idx, cur)
+                cp.release(l, sl)
+                for d in deferred.get(i, ()):
+                    self._copy(d, None)
+            final = torch.zeros_like(hidden_states)
+            for e in sorted(outs):
+                token_idx, cur = outs[e]
+                final.index_add_(0, token_idx, cur.to(final.dtype))
+        lend = cp.mark("lend")
+        hid = np.zeros((n, 0), dtype=np.float32)
+        m = self.after(self.ctl, self.st, pos, l, idx, hid, dec, self.spec.prefetches and dec, self.act)
+        for r in self.act[:m].tolist():
+            self._copy(r, lend)
+        return final
+
+    def _copy(self, r, after) -> None:
+        ll, e, sl = r[1], r[2], r[3]
+        self.cp.copy(ll, sl, self.slots[ll, sl], self.store.layers[ll][e], self.bounds, after)
+
+    def counters(self) -> dict:
+        return ctlmod.counters_dict(self.ctl)
+
+    def as_plan(self):
+        """The requests this runner served, as a replay Plan (req_next = NEVER, as the runner saw it)."""
+        from tracekit.replay.plan import Plan, _build
+
+        steps = sorted({s for s, _, _, _ in self.log})
+        by = {(s, l): (x, d) for s, l, x, d in self.log}
+        tok_ptr, tok_ex, decode = [0], [], []
+        for s in steps:
+            n = by[(s, 0)][0].shape[0]
+            ex = np.stack([by[(s, l)][0] for l in range(self.L)], axis=1)    # [n, L, K]
+            tok_ex.append(ex)
+            tok_ptr.append(tok_ptr[-1] + n)
+            decode.append(1 if by[(s, 0)][1] else 0)
+        tok_ptr = np.array(tok_ptr, dtype=np.int64)
+        tok_ex = np.ascontiguousarray(np.concatenate(tok_ex), dtype=np.int16)
+        req_ptr, req_e, req_ntok, _ = _build(tok_ptr, tok_ex, self.E)
+        req_next = np.full(req_e.shape[0], NEVER, dtype=np.int64)
+        hid = np.zeros((tok_ex.shape[0], self.L, 0), dtype=np.float32)
+        return Plan(self.L, self.E, self.K, tok_ptr, np.array(decode, dtype=np.int8), tok_ex, hid,
+                    req_ptr, req_e, req_ntok, req_next)
+
+    def close(self) -> None:
+        self.finish(self.ctl)
+        self.store.free()

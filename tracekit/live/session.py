@@ -1,0 +1,150 @@
+"""What `tracekit live` and bench/gpu_live.py run: trace-driven sweeps and model-driven equality runs."""
+
+from __future__ import annotations
+
+import time
+
+from tracekit.errors import UserError
+from tracekit.live.compare import load_with_extras, predict, profile_for, row
+from tracekit.live.executor import MIXTRAL, Shapes, TraceExecutor, make_context
+from tracekit.live.ffn import chunk_rows
+from tracekit.live.store import ExpertStore, layers_that_fit
+from tracekit.live.tracecut import check_shape, cut
+
+
+def need_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"tracekit live needs a CUDA GPU, and torch {torch.__version__} sees none "
+                        "(torch.cuda.is_available() is False); --dry-run runs the bookkeeping alone")
+
+
+def shapes_from_config(cfg) -> Shapes:
+    kv = cfg.hidden_size // cfg.num_attention_heads * cfg.num_key_value_heads
+    return Shapes(cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, kv)
+
+
+def prepare(trace_path: str, layers: int | None, max_tokens: int | None, shapes: Shapes = MIXTRAL,
+            dry: bool = False, log=print):
+    """Read, check and cut the trace; choose how many layers the host can pin. -> (trace, plan, shapes)."""
+    from tracekit.replay.plan import build_plan
+    from tracekit.trace import read_trace
+
+    tr = read_trace(trace_path)
+    check_shape(tr, shapes.L, shapes.E, f"the model ({shapes.L} layers x {shapes.E} experts)")
+    want = layers or shapes.L
+    if not dry:
+        fit = layers_that_fit(shapes.E * shapes.expert_bytes, want)
+        if fit < 1:
+            raise UserError(f"host RAM cannot hold even one layer of experts "
+                            f"({shapes.E * shapes.expert_bytes / 1e9:.1f} GB)")
+        if fit < want:
+            if layers:
+                from tracekit.live.store import check_fits
+                check_fits(want * shapes.E * shapes.expert_bytes, f"--layers {want}")
+            log(f"note: host RAM holds {fit} of {want} layers of experts; using the first {fit} layers")
+            want = fit
+    tr = cut(tr, want if want < tr.num_layers else None, max_tokens)
+    shapes = Shapes(tr.num_layers, shapes.E, shapes.H, shapes.F, shapes.kvdim)
+    return tr, build_plan(tr), shapes
+
+
+def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap: int = 2,
+                chunk_mbs: tuple = (16.0,), layers: int | None = None, max_tokens: int | None = 100,
+                profile: str = "h100-pcie5", device: str = "cuda", dry: bool = False,
+                shapes: Shapes = MIXTRAL, store=None, log=print) -> list[dict]:
+    """One row per (capacity, chunking, policy): live beside replay's prediction."""
+    import os
+
+    from tracekit import policies as P
+
+    tr, plan, shapes = prepare(trace_path, layers, max_tokens, shapes, dry, log)
+    prof, raw = load_with_extras(profile)
+    own = store is None and not dry
+    if own:
+        t0 = time.perf_counter()
+        store = ExpertStore(shapes.L, shapes.E, shapes.numel, pin=device.startswith("cuda"))
+        log(f"pinned store: {store.nbytes / 1e9:.1f} GB ({shapes.L} layers) in {time.perf_counter() - t0:.1f} s")
+    out = []
+    try:
+        for C in capacities:
+            for cmb in chunk_mbs:
+                ex = TraceExecutor(shapes, C, device, store, chunk_mb=cmb, dry=dry,
+                                   max_tokens=int(max(plan.tok_ptr[1:] - plan.tok_ptr[:-1])))
+                for name in policies:
+                    spec = P.get(name)
+                    ctx = make_context(plan, C, tr)
+                    live = ex.run(spec, plan, C, cap, ctx, warmup_steps=2)
+                    p = profile_for(prof, len(ex.rows), cmb, raw)
+                    rep, tok_s = predict(spec, plan, C, cap, p, shapes.expert_bytes, ctx)
+                    r = row(live, tok_s, p, plan, p.h2d_GBps, os.path.basename(trace_path))
+                    r["chunk_mb"] = cmb
+                    r["bookkeeping_equal"] = rep.counters == live.counters
+                    r["profile"] = prof.name
+                    out.append(r)
+                    log(f"{r['trace']} C={C} chunk={cmb:g}MB {name}: live {r['live_tok_s']:.2f} tok/s, "
+                        f"pred {tok_s:.2f}, hit {r['hit_rate']:.3f}, eff {r['efficiency']:.2f}, "
+                        f"equal={r['bookkeeping_equal']}")
+                del ex
+                if device.startswith("cuda"):
+                    import torch
+                    torch.cuda.empty_cache()
+    finally:
+        if own:
+            store.free()
+    return out
+
+
+def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: float = 16.0,
+              random_weights: bool = False, prompts: str | None = None, layers: int | None = None,
+              max_tokens: int = 32, device: str = "cuda", n_prompts: int = 2, log=print) -> dict:
+    """Greedy generation without and with offloading; tokens must be identical."""
+    import torch
+
+    from tracekit import policies as P
+    from tracekit.live.backend import OffloadRunner, set_impl
+    from tracekit.record.models import load_model
+    from tracekit.record.prompts import load_prompts
+
+    texts, _src = load_prompts(prompts)
+    texts = texts[:n_prompts]
+
+    def gen(mdl, tok):
+        outs, ntok = [], 0
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for t in texts:
+            ids = torch.tensor([tok.encode(t)], device=device)
+            with torch.no_grad():
+                o = mdl.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False)
+            outs.append(o[0, ids.shape[1]:].tolist())
+            ntok += o.shape[1] - ids.shape[1]
+        sync()
+        return outs, ntok / (time.perf_counter() - t0)
+
+    ld = load_model(model, device=device, random_weights=random_weights, num_layers=layers)
+    set_impl(ld.model, "eager")
+    gen(ld.model, ld.tokenizer) if device.startswith("cuda") else None       # warm-up
+    ref, ref_tps = gen(ld.model, ld.tokenizer)
+    runner = OffloadRunner(ld.model, P.get(policy), capacity, cap, chunk_mb)
+    try:
+        gen(ld.model, ld.tokenizer) if device.startswith("cuda") else None
+        off, off_tps = gen(ld.model, ld.tokenizer)
+        counters = runner.counters()
+    finally:
+        runner.close()
+    info = ld.info
+    res = {"model": model, "layers": info["num_hidden_layers"], "policy": policy, "capacity": capacity,
+           "cap": cap, "prompts": len(texts), "new_tokens": max_tokens, "identical": ref == off,
+           "resident_tok_s": ref_tps, "offloaded_tok_s": off_tps, "hit_rate":
+           counters["hits"] / max(1, counters["requests"]), "counters": counters,
+           "bytes_per_expert": info.get("bytes_per_expert")}
+    log(f"model {model} ({res['layers']} layers) {policy} C={capacity}: identical={res['identical']}, "
+        f"resident {ref_tps:.2f} tok/s, offloaded {off_tps:.2f} tok/s")
+    return res
+
+
+__all__ = ["need_cuda", "prepare", "trace_sweep", "model_run", "shapes_from_config", "chunk_rows"]
