@@ -69,11 +69,9 @@ def run_sweep(plans: dict[str, tuple[Plan, Trace]], cfg: SweepConfig,
     _PLANS.clear()
     _PLANS.update(plans)
     _CFG = cfg
-    jobs = [(n, p, C) for n in plans for p in cfg.policies for C in cfg.capacities]
-    for p in cfg.policies:                      # compile (or load from the disk cache) once, here
-        from tracekit.replay.engine import compile_engine
-
-        compile_engine(policies.get(p))
+    # Capacity-major order, so that parallel workers start on (and JIT-compile) different policies;
+    # compiled code lands in the on-disk cache (tracekit.replay.jit) for every later process.
+    jobs = [(n, p, C) for n in plans for C in cfg.capacities for p in cfg.policies]
     workers = cfg.jobs or os.cpu_count() or 1
     rows: list[dict] = []
     if workers <= 1 or len(jobs) <= 1:
@@ -89,5 +87,8 @@ def run_sweep(plans: dict[str, tuple[Plan, Trace]], cfg: SweepConfig,
                 rows.append(row)
                 if on_done:
                     on_done(row)
+    order = {(n, p, C): i for i, (n, p, C) in enumerate((n, p, C) for n in plans for p in cfg.policies
+                                                        for C in cfg.capacities)}
+    rows.sort(key=lambda r: order[(r["trace"], r["policy"], r["capacity"])])
     add_belady_gap(rows)
     return rows
