@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=100)
     ap.add_argument("--profile", default=None, help="skip calibration, use this profile")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--policies", default="lru,markov,belady,lfu",
+                    help="lfu: replay's best non-oracle policy at C=4 on the 2probs trace (lru at C=2)")
+    ap.add_argument("--scan", action="store_true", help="also add replay's best non-oracle policy (slow: compiles all)")
     a = ap.parse_args()
     import torch
 
@@ -107,18 +110,6 @@ def main() -> None:
             json.dump({"card": name, "profile": prof_path, "layers": layers, "max_tokens": maxtok,
                        "rows": rows, "models": models}, f, indent=1, default=str)
 
-    for tname in traces[:1] if a.smoke else traces:
-        path = os.path.join(a.traces, tname)
-        pols = ["lru", "markov"] if a.smoke else ["lru", "markov", "belady"]
-        if not a.smoke:
-            b = best_policy(path, layers, maxtok, profile)
-            log(f"replay's best non-oracle policy on {tname}: {b}")
-            if b not in pols:
-                pols.append(b)
-        t1 = time.perf_counter()
-        rows += trace_sweep(path, pols, list(caps), 2, (0.0, 16.0), layers, maxtok, prof_path, "cuda", log=log)
-        dump()
-        log(f"{tname}: {time.perf_counter() - t1:.1f} s")
     if not a.skip_model:
         for mdl, lay, ntok in ([("tiny-mixtral", None, 16)] if a.smoke else
                                [("tiny-mixtral", None, 32), ("mixtral", 2, 16)]):
@@ -128,6 +119,22 @@ def main() -> None:
                                         max_tokens=ntok, device="cuda", log=log))
                 dump()
                 log(f"  {time.perf_counter() - t1:.1f} s")
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    for tname in traces[:1] if a.smoke else traces:
+        path = os.path.join(a.traces, tname)
+        pols = ["lru", "markov"] if a.smoke else a.policies.split(",")
+        if a.scan and not a.smoke:
+            b = best_policy(path, layers, maxtok, profile)
+            log(f"replay's best non-oracle policy on {tname}: {b}")
+            if b not in pols:
+                pols.append(b)
+        t1 = time.perf_counter()
+        rows += trace_sweep(path, pols, list(caps), 2, (0.0, 16.0), layers, maxtok, prof_path, "cuda", log=log)
+        dump()
+        log(f"{tname}: {time.perf_counter() - t1:.1f} s")
     md = markdown(rows, models, name)
     with open(os.path.join(a.out, "live_results.md"), "w") as f:
         f.write(md)
