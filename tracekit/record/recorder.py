@@ -169,10 +169,8 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
 def _synchronizer(model):
     import torch
 
-    dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
+    devs = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    return lambda: [torch.cuda.synchronize(d) for d in devs]
 
 
 class _Bar:
