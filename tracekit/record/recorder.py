@@ -103,7 +103,7 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
         })
         writer = TraceWriter(out, num_layers=rh.L, num_experts=rh.E, top_k=rh.K, meta=meta,
                              router=rh.router_weights(), hidden_kind=rh.hidden_kind, hidden_dim=rh.D,
-                             hidden_proj_seed=rh.proj_seed, force=force)
+                             hidden_proj_seed=rh.proj_seed, force=force, background=True)
         rh.attach()
 
     stats = {"generated": 0, "write_s": 0.0}

@@ -34,7 +34,7 @@ class TraceWriter:
                  meta: dict, router: np.ndarray | None = None, hidden_kind: str = "none",
                  hidden_dim: int | None = None, hidden_proj_seed: int | None = None,
                  with_logits: bool = True, force: bool = False, flush_rows: int = 4096,
-                 flush_bytes: int = 64 << 20):
+                 flush_bytes: int = 64 << 20, background: bool = False):
         self.out = os.fspath(out)
         self.tmp = self.out + ".tmp"
         if os.path.isdir(self.out):
@@ -59,6 +59,12 @@ class TraceWriter:
         self.parts = 0
         self.rows = 0
         self.closed = False
+        self._futures: list = []
+        self._pool = None
+        if background:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracekit-writer")
         os.makedirs(self.tmp)
         if self.router is not None:
             np.save(os.path.join(self.tmp, S.TMP_ROUTER), self.router, allow_pickle=False)
@@ -78,16 +84,34 @@ class TraceWriter:
     def flush(self) -> None:
         if not self._buf:
             return
-        cat = {name: np.concatenate([b[name] for b in self._buf]) for name in self.schema.names}
+        buf, part = self._buf, self.parts
+        self._buf, self._buf_rows, self._buf_bytes = [], 0, 0
+        self.parts += 1
+        self.rows += sum(int(np.asarray(b["seq_id"]).shape[0]) for b in buf)
+        if self._pool is None:
+            self._write_part(buf, part)
+        else:  # overlap Parquet encoding with generation; one worker keeps parts in order
+            self._raise_failed()
+            self._futures.append(self._pool.submit(self._write_part, buf, part))
+
+    def _write_part(self, buf: list[dict], part: int) -> None:
+        cat = {name: np.concatenate([b[name] for b in buf]) for name in self.schema.names}
         table = S.table_from_arrays(self.schema, cat)
         table = table.replace_schema_metadata(S.schema_metadata(self.header, self.meta, complete=False))
-        final = os.path.join(self.tmp, f"part-{self.parts:05d}.parquet")
-        tmpname = final + ".inprogress"
-        pq.write_table(table, tmpname, compression="zstd")
-        os.replace(tmpname, final)
-        self.parts += 1
-        self.rows += table.num_rows
-        self._buf, self._buf_rows, self._buf_bytes = [], 0, 0
+        final = os.path.join(self.tmp, f"part-{part:05d}.parquet")
+        pq.write_table(table, final + ".inprogress", **S.write_options(self.schema))
+        os.replace(final + ".inprogress", final)
+
+    def _raise_failed(self) -> None:
+        for f in [f for f in self._futures if f.done()]:
+            self._futures.remove(f)
+            f.result()  # re-raises a failed background write
+
+    def wait(self) -> None:
+        """Block until every submitted part is on disk."""
+        futures, self._futures = self._futures, []
+        for f in futures:
+            f.result()
 
     def update_meta(self, **kv) -> None:
         self.meta.update(kv)
@@ -97,10 +121,12 @@ class TraceWriter:
         if self.closed:
             return self.out
         self.flush()
+        self.wait()
+        self._shutdown()
         md = S.schema_metadata(self.header, self.meta, complete=True, router=self.router)
         schema = self.schema.with_metadata(md)
         inprog = os.path.join(self.tmp, "final.inprogress")
-        with pq.ParquetWriter(inprog, schema, compression="zstd") as w:
+        with pq.ParquetWriter(inprog, schema, **S.write_options(schema)) as w:
             group, rows, nbytes = [], 0, 0     # merge small parts into row groups of ~flush_rows
             for part in _parts(self.tmp):
                 t = pq.read_table(part).replace_schema_metadata(md)
@@ -120,8 +146,15 @@ class TraceWriter:
         """Keep what was recorded: flush the buffer and leave OUT.tmp/ as a readable partial trace."""
         try:
             self.flush()
+            self.wait()
         finally:
+            self._shutdown()
             self.closed = True
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -158,7 +191,7 @@ def _trace_from_table(path: str, table: pa.Table, header: dict, meta: dict, rout
                             f"version {SCHEMA_VERSION}")
     base = {c: table.column(c).to_numpy() for c in S.BASE_COLUMNS}
     logits = S.list_column(table, "logits", E, np.float32) if "logits" in expected.names else None
-    hidden = S.list_column(table, "hidden", D, np.float16) if (D and load_hidden) else None
+    hidden = S.blob_column(table, "hidden", D) if (D and load_hidden) else None
     return Trace(
         path=path, format="tracekit", complete=complete, num_layers=L, num_experts=E, top_k=K,
         seq_id=base["seq_id"].astype(np.int32), step=base["step"].astype(np.int32),
