@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--policies", default="lru,markov,belady,lfu",
                     help="lfu: replay's best non-oracle policy at C=4 on the 2probs trace (lru at C=2)")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="chunking at prefill batch size: prefill_decode trace, 1 decode token, chunk 0/16/64 MB")
     ap.add_argument("--scan", action="store_true", help="also add replay's best non-oracle policy (slow: compiles all)")
     a = ap.parse_args()
     import torch
@@ -123,6 +125,15 @@ def main() -> None:
 
     gc.collect()
     torch.cuda.empty_cache()
+    if a.prefill_only:
+        path = os.path.join(a.traces, traces[1])
+        rows += trace_sweep(path, a.policies.split(","), list(caps), 2, (0.0, 16.0, 64.0), layers, 1, prof_path,
+                            "cuda", log=log)
+        dump()
+        for r in rows:
+            log(f"PREFILL C={r['capacity']} chunks={r['chunks']} {r['policy']}: live {r['nondecode_s'] * 1e3:.1f} ms, "
+                f"pred {r['pred_nondecode_s'] * 1e3:.1f} ms")
+        traces = []
     for tname in traces[:1] if a.smoke else traces:
         path = os.path.join(a.traces, tname)
         pols = ["lru", "markov"] if a.smoke else a.policies.split(",")

@@ -69,7 +69,8 @@ def model_compute_s(plan, profile: Profile, steps: int | None = None) -> float:
     return total
 
 
-def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_name: str = "") -> dict:
+def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_name: str = "",
+        pred_nondecode_s: float = float("nan")) -> dict:
     """One results row (all per decode token where it says so)."""
     n = max(1, live.decode_tokens)
     comp = model_compute_s(plan, profile)
@@ -81,7 +82,7 @@ def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_n
         "chunks": live.chunks, "layers": live.layers, "decode_tokens": live.decode_tokens,
         "live_tok_s": live.tok_s, "pred_tok_s": pred_tok_s,
         "ratio_pred_live": pred_tok_s / live.tok_s if live.tok_s > 0 else float("nan"),
-        "fidelity_err": abs(1.0 / pred_tok_s - 1.0 / live.tok_s) * live.tok_s if live.tok_s > 0 else float("nan"),
+        "fidelity_err": abs(pred_tok_s - live.tok_s) / live.tok_s if live.tok_s > 0 else float("nan"),
         "hit_rate": live.hit_rate,
         "decode_hit_rate": c["decode_hits"] / c["decode_requests"] if c["decode_requests"] else float("nan"),
         "transfers": c["transfers"], "decode_transfers": c["decode_transfers"],
@@ -95,5 +96,7 @@ def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_n
         "achieved_GBps": live.achieved_GBps,
         "model_compute_ms_per_token": comp / n * 1e3,
         "efficiency": eff,
+        "nondecode_s": live.extra.get("all_steps_s", float("nan")) - live.decode_s,   # prefill steps (GPU)
+        "pred_nondecode_s": pred_nondecode_s,
         "counters": dict(c),
     }

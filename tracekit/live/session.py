@@ -78,7 +78,8 @@ def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap
                     live = ex.run(spec, plan, C, cap, ctx, warmup_steps=2)
                     p = profile_for(prof, len(ex.rows), cmb, raw)
                     rep, tok_s = predict(spec, plan, C, cap, p, shapes.expert_bytes, ctx)
-                    r = row(live, tok_s, p, plan, p.h2d_GBps, os.path.basename(trace_path))
+                    r = row(live, tok_s, p, plan, p.h2d_GBps, os.path.basename(trace_path),
+                            rep.total_s - rep.decode_s)
                     r["chunk_mb"] = cmb
                     r["bookkeeping_equal"] = rep.counters == live.counters
                     r["profile"] = prof.name
