@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import typer
+
 from tracekit.cli.app import app
 
 
-def expert_popularity(experts: np.ndarray, num_experts: int) -> np.ndarray:
+def expert_popularity(experts, num_experts: int):
     """experts [T,L,K] (-1 = missing) -> share of selections per expert [L,E] (rows sum to 1)."""
+    import numpy as np
+
     T, L, K = experts.shape
     counts = np.zeros((L, num_experts), dtype=np.int64)
     for l in range(L):
@@ -24,6 +26,8 @@ def repeat_rate(seq_id, phase, position, experts, overlap: bool = False):
     -> (per layer [L], overall). Tokens without a previous token or with missing events are skipped.
     overlap=True instead gives the mean share of the top-k that the previous token also selected.
     """
+    import numpy as np
+
     T, L, K = experts.shape
     if T < 2:
         return np.full(L, np.nan), float("nan")
@@ -46,6 +50,7 @@ def repeat_rate(seq_id, phase, position, experts, overlap: bool = False):
 def inspect(trace: str = typer.Argument(..., help="a tracekit trace, a partial recording (X.tmp), "
                                         "or a long-format Parquet file")) -> None:
     """Summarise a routing trace: tokens, steps, layers, experts, popularity and temporal repeat rate."""
+    import numpy as np
     from rich.console import Console
     from rich.table import Table
 
@@ -106,6 +111,8 @@ def _random_repeat(E: int, K: int) -> float:
 
 
 def _pct(x: float) -> str:
+    import numpy as np
+
     if x is None or np.isnan(x):
         return "n/a"
     return f"{100 * x:.1f}%" if x == 0 or x >= 1e-3 else f"{100 * x:.2g}%"
