@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -103,6 +104,31 @@ def test_topk_recomputed_from_logits_equals_stored(tiny, tmp_path):
     re = np.einsum("tld,led->tle", t.hidden.astype(np.float32), t.router)
     np.testing.assert_allclose(re, t.logits, atol=2e-2)
     assert t.router.shape == (4, 8, 64) and t.meta["bytes_per_expert"] == 3 * 64 * 96 * 4
+
+
+def test_hidden_projection_is_reproducible_from_the_seed(tiny, tmp_path):
+    from tracekit.record.hooks import projection_matrix
+
+    record(out=tmp_path / "f.parquet", loaded=tiny, prompts=PROMPTS[:2], max_new_tokens=3, hidden="full")
+    record(out=tmp_path / "p.parquet", loaded=tiny, prompts=PROMPTS[:2], max_new_tokens=3, hidden="proj:8")
+    f, p = read_trace(tmp_path / "f.parquet"), read_trace(tmp_path / "p.parquet")
+    assert p.hidden_kind == "proj:8" and p.hidden.shape == (p.num_tokens, 4, 8)
+    P = projection_matrix(64, 8, p.hidden_proj_seed).numpy()
+    np.testing.assert_allclose(f.hidden.astype(np.float32) @ P, p.hidden.astype(np.float32), atol=2e-2, rtol=1e-2)
+
+
+def test_gpu_bench_script_logic_on_cpu(tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_record_overhead.py")
+    spec = importlib.util.spec_from_file_location("gpu_record_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "bench.md"
+    assert mod.main(["--tiny", "--out", str(out), "--repeats", "1", "--new-tokens", "3", "--prompts", "2"]) == 0
+    text = out.read_text()
+    assert "| no hooks |" in text and "| --hidden none |" in text and "| --hidden full |" in text
+    assert "device: CPU" in text and "4 layers" in text
 
 
 def test_tokens_identical_with_and_without_hooks_and_match_hf_generate(tiny, tmp_path):
@@ -245,6 +271,7 @@ def test_mixtral_without_local_weights_names_cache_and_alternatives(tmp_path, mo
 
 def test_cli_record_errors_are_one_line(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
+
     from tracekit.cli.app import main
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -27,12 +27,18 @@ def parse_hidden(spec: str) -> tuple[str, int | None]:
     raise UserError(f"--hidden {spec!r}: expected none, full or proj:N (N > 0)")
 
 
+def projection_matrix(hidden_size: int, n: int, seed: int):
+    """The `proj:N` matrix P [H, N] float32 (torch, CPU): randn(H, N, seed) / sqrt(N); hidden_proj = h @ P."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(hidden_size, n, generator=g) / float(np.sqrt(n))
+
+
 class RoutingHooks:
     """Capture per layer: router logits [R,E], top-k weights [R,K], top-k ids [R,K], hidden [R,D]."""
 
     def __init__(self, model, adapter, hidden: str = "none", proj_seed: int = 0, with_logits: bool = True):
-        import torch
-
         self.adapter = adapter
         self.layers = adapter.moe_layers(model)           # [(model layer id, mlp)]
         self.L = len(self.layers)
@@ -44,8 +50,7 @@ class RoutingHooks:
         self.proj_seed = proj_seed if proj_dim else None
         self.proj = None
         if proj_dim:  # [H, N] float32, seeded, scaled so that norms are roughly preserved
-            g = torch.Generator().manual_seed(proj_seed)
-            self.proj = torch.randn(self.H, proj_dim, generator=g) / float(np.sqrt(proj_dim))
+            self.proj = projection_matrix(self.H, proj_dim, proj_seed)
         self.with_logits = with_logits
         self.hook_s = 0.0          # time inside hook callbacks + end_step + collect
         self._handles = []
