@@ -35,6 +35,8 @@ def replay(
     steps: str = typer.Option("passes", "--steps", help="passes (recorded forward passes) | tokens"),
     expert_mb: float = typer.Option(None, "--expert-mb", help="bytes per expert, overriding trace/profile"),
     jobs: int = typer.Option(0, "--jobs", "-j", help="parallel processes (0: all cores)"),
+    hybrid: bool = typer.Option(False, "--hybrid", help="each miss is copied or computed on the host CPU, "
+                                "whichever the cost model says finishes first"),
     force: bool = typer.Option(False, "--force", help="overwrite --out / --plot files"),
 ) -> None:
     """Score every policy offline: hit rate, transfers, bytes, stall and simulated tokens/s."""
@@ -60,7 +62,7 @@ def replay(
             report._check_new(path, force)
     cfg = SweepConfig(policies=policies.parse(policy), capacities=_ints(capacity, "capacity"),
                       profile=load_profile(profile), cap=cap, depth=depth, token_steps=steps == "tokens",
-                      expert_bytes=expert_mb * 1e6 if expert_mb else None, jobs=jobs)
+                      expert_bytes=expert_mb * 1e6 if expert_mb else None, jobs=jobs, hybrid=hybrid)
     err = Console(stderr=True)
     plans = load_plans(traces, cfg.token_steps)
     total = len(plans) * len(cfg.policies) * len(cfg.capacities)

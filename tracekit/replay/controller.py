@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import numpy as np
 
-HIT, MISS, PREFETCH = 0, 1, 2
+HIT, MISS, PREFETCH, CPU = 0, 1, 2, 3     # CPU: a hybrid miss computed on the host, not cached
 # counters
 C_REQ, C_HIT, C_DREQ, C_DHIT, C_DEMAND, C_PF_ISSUED, C_PF_USED, C_PF_WASTED, C_PF_DROPPED, \
-    C_DEC_XFER, C_EVICT, C_XFER = range(12)
-N_COUNTERS = 12
+    C_DEC_XFER, C_EVICT, C_XFER, C_CPU, C_DEC_CPU = range(14)
+N_COUNTERS = 14
 COUNTER_NAMES = ("requests", "hits", "decode_requests", "decode_hits", "demand_transfers",
                  "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_dropped",
-                 "decode_transfers", "evictions", "transfers")
+                 "decode_transfers", "evictions", "transfers", "cpu_misses", "decode_cpu_misses")
 # qstate slots
 Q_HEAD, Q_TAIL, Q_INFLIGHT, Q_CAP, Q_CLOCK = range(5)
 
@@ -54,7 +54,27 @@ def new_controller(L: int, E: int, C: int, cap: int, pred_rows: int = 256):
         np.zeros(N_COUNTERS, dtype=np.int64),     # 8 counters
         np.zeros(E, dtype=np.int8),               # 9 candidate scratch
         np.zeros((pred_rows, 3), dtype=np.int64),  # 10 prediction scratch
+        np.array([0.0, 0.0, 0.0, 0.0, 1.0, 1.0]),  # 11 hybrid: engine_free, cpu_free, copy_s, act_s,
+                                                   #    contention on copies, contention on CPU
+        np.ones(1),                               # 12 CPU FFN table: tokens
+        np.ones(1),                               # 13 CPU FFN table: seconds
     )
+
+
+def set_hybrid(ctl, profile, expert_bytes=None):
+    """Give the controller the profile's CPU and copy costs, for serve_hybrid's choice."""
+    if not profile.cpu_ffn_ms:
+        from tracekit.errors import UserError
+
+        raise UserError(f"profile {profile.name!r} has no cpu_ffn_ms table; hybrid needs one")
+    sc, _, _ = profile.vectors(expert_bytes)
+    tok, sec = profile.cpu_table()
+    hy = ctl[11]
+    hy[2] = profile.copy_seconds(expert_bytes)
+    hy[3] = profile.act_copy_us * 1e-6
+    hy[4] = profile.contention_copy
+    hy[5] = profile.contention_cpu
+    return ctl[:12] + (tok, sec)
 
 
 def counters_dict(ctl) -> dict:

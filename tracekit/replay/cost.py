@@ -11,6 +11,10 @@ Per (step, layer):
                  stall += end - (t + ffn)
   prefetches     issued after the layer (controller `after`) are enqueued at the layer's end
 A slot is free for a new copy once the last expert computed from it has finished.
+Hybrid (`--hybrid`): a miss the controller sends to the CPU (kind CPU) is a second server: the
+activation goes to the host (act_copy_us), the expert runs there for cpu_ffn(ntok) x contention_cpu,
+the result comes back (act_copy_us); the GPU waits for it at that expert's turn. Copies take
+x contention_copy while hybrid is on (CPU compute and copies both read host memory).
 The result is a breakdown (stall, compute, copy busy, bytes), not one number.
 """
 
@@ -27,9 +31,9 @@ from numba import njit
 from tracekit.errors import UserError
 
 # scalar slots of the numba profile vector
-P_BW, P_OVH, P_BYTES, P_ATTN, P_ATTN_TOK, P_CHUNKS, P_ACT, P_CONT = range(8)
+P_BW, P_OVH, P_BYTES, P_ATTN, P_ATTN_TOK, P_CHUNKS, P_ACT, P_CONT_COPY, P_CONT_CPU = range(9)
 # accumulator slots of the timeline
-A_ENGINE, A_STALL, A_COMPUTE, A_COPY, A_BYTES = range(5)
+A_ENGINE, A_STALL, A_COMPUTE, A_COPY, A_BYTES, A_CPU, A_CPU_BUSY = range(7)
 
 
 @dataclass
@@ -44,7 +48,8 @@ class Profile:
     ffn_ms: dict = field(default_factory=lambda: {"1": 0.14})
     cpu_ffn_ms: dict = field(default_factory=dict)
     act_copy_us: float = 20.0
-    contention: float = 1.0
+    contention_copy: float = 1.0
+    contention_cpu: float = 1.0
     card: str = ""
     source: str = ""
 
@@ -52,9 +57,9 @@ class Profile:
     def expert_bytes(self) -> float:
         return self.expert_MB * 1e6
 
-    def vectors(self, expert_bytes: float | None = None, chunks: int | None = None):
-        """(scalars float64[8], ffn_tok, ffn_s) for numba."""
-        sc = np.zeros(8)
+    def vectors(self, expert_bytes: float | None = None, chunks: int | None = None, hybrid: bool = False):
+        """(scalars float64[9], ffn_tok, ffn_s) for numba."""
+        sc = np.zeros(9)
         sc[P_BW] = self.h2d_GBps * 1e9
         sc[P_OVH] = self.copy_overhead_us * 1e-6
         sc[P_BYTES] = expert_bytes if expert_bytes else self.expert_bytes
@@ -62,9 +67,14 @@ class Profile:
         sc[P_ATTN_TOK] = self.attn_ms_per_token * 1e-3
         sc[P_CHUNKS] = max(1, chunks if chunks else self.chunks)
         sc[P_ACT] = self.act_copy_us * 1e-6
-        sc[P_CONT] = self.contention
+        sc[P_CONT_COPY] = self.contention_copy if hybrid else 1.0
+        sc[P_CONT_CPU] = self.contention_cpu if hybrid else 1.0
         tok, sec = _table(self.ffn_ms)
         return sc, tok, sec
+
+    def cpu_table(self):
+        """(tokens, seconds) of host-CPU expert FFN time; a dummy row when the profile has none."""
+        return _table(self.cpu_ffn_ms) if self.cpu_ffn_ms else (np.ones(1), np.full(1, 1e9))
 
     def copy_seconds(self, expert_bytes: float | None = None) -> float:
         b = expert_bytes if expert_bytes else self.expert_bytes
@@ -114,16 +124,18 @@ def interp(tok, sec, n):
 
 
 def new_timeline(L: int, E: int, C: int):
-    return (np.zeros((L, E)), np.zeros((L, C)), np.zeros(5))
+    # ready[L, E]: when each expert's copy lands; slot_free[L, C]; accumulators (A_*)
+    return (np.zeros((L, E)), np.zeros((L, C)), np.zeros(8))
 
 
 @njit(cache=True, inline="always")
 def enqueue_copies(sc, tl, act, n, t_issue):
-    # every MISS/PREFETCH row (kind != 0) of act[:n] becomes one FIFO copy issued at t_issue
+    # every MISS/PREFETCH row of act[:n] becomes one FIFO copy issued at t_issue
     ready, slot_free, acc = tl
-    dur = sc[P_OVH] + sc[P_BYTES] / sc[P_BW]
+    dur = (sc[P_OVH] + sc[P_BYTES] / sc[P_BW]) * sc[P_CONT_COPY]
     for r in range(n):
-        if act[r, 0] == 0:
+        k = act[r, 0]
+        if k != 1 and k != 2:
             continue
         l, e, s = act[r, 1], act[r, 2], act[r, 3]
         start = max(t_issue, acc[A_ENGINE], slot_free[l, s])
@@ -134,18 +146,36 @@ def enqueue_copies(sc, tl, act, n, t_issue):
 
 
 @njit(cache=True, inline="always")
-def layer_time(sc, ffn_tok, ffn_s, tl, act, n, req_ntok, ntok, cursor):
-    # One layer of one step. act[:n] from controller.serve; req_ntok: this layer's request sizes.
-    ready, slot_free, acc = tl
+def attn_time(sc, tl, ntok):
+    # attention and the rest of the non-expert layer work, for a step of ntok tokens
     attn = sc[P_ATTN] + sc[P_ATTN_TOK] * ntok
-    acc[A_COMPUTE] += attn
-    t = cursor + attn
-    enqueue_copies(sc, tl, act, n, t)
+    tl[2][A_COMPUTE] += attn
+    return attn
+
+
+@njit(cache=True, inline="always")
+def layer_time(sc, ffn_tok, ffn_s, cpu_tok, cpu_s, tl, act, n, req_ntok, t_route):
+    # One layer of one step after routing at t_route. act[:n] from controller.serve;
+    # req_ntok: this layer's request sizes. Returns the time the layer's last expert finishes.
+    ready, slot_free, acc = tl
+    enqueue_copies(sc, tl, act, n, t_route)
     ch = sc[P_CHUNKS]
+    t = t_route
     for r in range(n):
-        if act[r, 0] == 2:
+        k = act[r, 0]
+        if k == 2:
             continue
         l, e, s, i = act[r, 1], act[r, 2], act[r, 3], act[r, 4]
+        if k == 3:                      # hybrid: the expert runs on the host CPU
+            start = max(t_route + sc[P_ACT], acc[A_CPU])
+            c = interp(cpu_tok, cpu_s, req_ntok[i]) * sc[P_CONT_CPU]
+            acc[A_CPU] = start + c
+            acc[A_CPU_BUSY] += c
+            back = start + c + sc[P_ACT]
+            if back > t:
+                acc[A_STALL] += back - t
+                t = back
+            continue
         f = interp(ffn_tok, ffn_s, req_ntok[i])
         end = max(t + f, ready[l, e] + f / ch)
         acc[A_STALL] += end - (t + f)

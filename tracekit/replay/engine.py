@@ -6,7 +6,16 @@ from dataclasses import dataclass
 
 from tracekit.policies import PolicyContext, PolicySpec
 from tracekit.replay import controller as ctlmod
-from tracekit.replay.cost import A_BYTES, A_COMPUTE, A_COPY, A_STALL, P_BYTES, Profile, new_timeline
+from tracekit.replay.cost import (
+    A_BYTES,
+    A_COMPUTE,
+    A_COPY,
+    A_CPU_BUSY,
+    A_STALL,
+    P_BYTES,
+    Profile,
+    new_timeline,
+)
 from tracekit.replay.plan import Plan
 
 
@@ -30,23 +39,27 @@ class ReplayResult:
     decode_stall_s: float
     decode_compute_s: float
     expert_bytes: float
+    cpu_busy_s: float = 0.0
 
 
 def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *, cap: int = 2,
                depth: int = 0, router=None, hidden_kind: str = "none", expert_bytes=None,
-               params: dict | None = None) -> ReplayResult:
+               params: dict | None = None, hybrid: bool = False) -> ReplayResult:
     """Run one (policy, capacity) configuration. Raises NotApplicable when the trace lacks inputs."""
     ctx = PolicyContext(plan.L, plan.E, capacity, plan.K, plan.hid.shape[2], hidden_kind, router,
                         depth or plan.K, dict(params or {}))
     st = spec.make_state(ctx)
     ctl = ctlmod.new_controller(plan.L, plan.E, capacity, cap)
     tl = new_timeline(plan.L, plan.E, capacity)
-    sc, ffn_tok, ffn_s = profile.vectors(expert_bytes)
+    sc, ffn_tok, ffn_s = profile.vectors(expert_bytes, hybrid=hybrid)
+    if hybrid:
+        ctl = ctlmod.set_hybrid(ctl, profile, expert_bytes)
+    cpu_tok, cpu_s = ctl[12], ctl[13]
     run = compile_engine(spec)
     total, dec_s, dec_tok, dec_stall, dec_comp = run(ctl, st, tl, sc, ffn_tok, ffn_s, plan.tok_ptr, plan.decode, plan.tok_ex,
                                 plan.hid, plan.req_ptr, plan.req_e, plan.req_ntok, plan.req_next,
-                                spec.prefetches, spec.observes)
+                                spec.prefetches, spec.observes, hybrid, cpu_tok, cpu_s)
     acc = tl[2]
     return ReplayResult(ctlmod.counters_dict(ctl), float(total), float(dec_s), int(dec_tok),
                         float(acc[A_STALL]), float(acc[A_COMPUTE]), float(acc[A_COPY]), float(acc[A_BYTES]),
-                        float(dec_stall), float(dec_comp), float(sc[P_BYTES]))
+                        float(dec_stall), float(dec_comp), float(sc[P_BYTES]), float(acc[A_CPU_BUSY]))

@@ -10,6 +10,8 @@ import numpy as np
 from numba import njit
 
 from tracekit.replay.controller import (
+    C_CPU,
+    C_DEC_CPU,
     C_DEC_XFER,
     C_DEMAND,
     C_DHIT,
@@ -22,6 +24,7 @@ from tracekit.replay.controller import (
     C_PF_WASTED,
     C_REQ,
     C_XFER,
+    CPU,
     HIT,
     MISS,
     PREFETCH,
@@ -31,7 +34,7 @@ from tracekit.replay.controller import (
     Q_INFLIGHT,
     Q_TAIL,
 )
-from tracekit.replay.cost import enqueue_copies, layer_time
+from tracekit.replay.cost import attn_time, enqueue_copies, interp, layer_time
 
 # {POLICY_BINDINGS}
 
@@ -123,7 +126,7 @@ def _issue(ctl, st, pos, decode, act, n):
     return n
 
 @njit(cache=True, inline="always")
-def serve(ctl, st, pos, l, req_e, now0, req_next, decode, act):
+def _serve(ctl, st, pos, l, req_e, now0, req_next, decode, act, hybrid, req_ntok, t_route):
     resident, slot_of, slot_owner, nres, pf, want, queue, q, cnt = ctl[:9]
     n = 0
     for i in range(req_e.shape[0]):
@@ -147,6 +150,13 @@ def serve(ctl, st, pos, l, req_e, now0, req_next, decode, act):
             if pf[l, e] == 1:             # queued but never issued: a miss
                 pf[l, e] = 0
                 cnt[C_PF_DROPPED] += 1
+            if hybrid and _cpu_wins(ctl[11], ctl[12], ctl[13], req_ntok[i], t_route):
+                on_access(st, l, e, False, now, req_next[i])
+                cnt[C_CPU] += 1
+                if decode:
+                    cnt[C_DEC_CPU] += 1
+                n = _emit(act, n, CPU, l, e, -1, i)
+                continue
             s, v = _take_slot(ctl, st, l, True)
             resident[l, e] = 1
             slot_of[l, e] = s
@@ -170,6 +180,37 @@ def serve(ctl, st, pos, l, req_e, now0, req_next, decode, act):
             pf[l, e] = 0
             want[l, e] = -1
     return _issue(ctl, st, pos, decode, act, n)
+
+
+@njit(cache=True, inline="always")
+def _cpu_wins(hy, cpu_tok, cpu_s, ntok, t_route):
+    # Hybrid miss: compute on the host CPU if that finishes before a copy would (expected times).
+    # hy = [engine_free, cpu_free, copy_s, act_s, cont_copy, cont_cpu]; both estimates advance.
+    copy_end = max(t_route, hy[0]) + hy[2] * hy[4]
+    cpu_start = max(t_route + hy[3], hy[1])
+    cpu_end = cpu_start + interp(cpu_tok, cpu_s, ntok) * hy[5]
+    if cpu_end + hy[3] < copy_end:
+        hy[1] = cpu_end
+        return True
+    hy[0] = copy_end
+    return False
+
+
+@njit(cache=True, inline="always")
+def serve(ctl, st, pos, l, req_e, now0, req_next, decode, act):
+    return _serve(ctl, st, pos, l, req_e, now0, req_next, decode, act, False, req_next, 0.0)
+
+
+@njit(cache=True, inline="always")
+def serve_hybrid(ctl, st, pos, l, req_e, now0, req_next, decode, act, req_ntok, t_route, engine_free,
+                 cpu_free):
+    # serve, but each miss goes to the CPU or the copy engine, whichever the cost model says
+    # finishes first (engine_free / cpu_free: the timeline's current estimates, in seconds).
+    hy = ctl[11]
+    hy[0] = engine_free
+    hy[1] = cpu_free
+    return _serve(ctl, st, pos, l, req_e, now0, req_next, decode, act, True, req_ntok, t_route)
+
 
 @njit(cache=True, inline="always")
 def after(ctl, st, pos, l, tok_ex, hid, decode, predict_on, act):
@@ -224,9 +265,10 @@ def finish(ctl):
 
 @njit(cache=True)
 def run(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, req_e, req_ntok,
-        req_next, predict_on, observe_on):
-    # Walk every (step, layer): controller.serve -> cost of the layer -> controller.after ->
-    # prefetch copies. Returns (total_s, decode_s, decode_tokens, decode_stall_s, decode_compute_s).
+        req_next, predict_on, observe_on, hybrid, cpu_tok, cpu_s):
+    # Walk every (step, layer): attention -> controller.serve -> cost of the layer ->
+    # controller.after -> prefetch copies.
+    # Returns (total_s, decode_s, decode_tokens, decode_stall_s, decode_compute_s).
     S = decode.shape[0]
     L = tok_ex.shape[1]
     E = ctl[0].shape[1]
@@ -245,8 +287,13 @@ def run(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, 
         for l in range(L):
             pos = s * L + l
             a, b = req_ptr[pos], req_ptr[pos + 1]
-            n = serve(ctl, st, pos, l, req_e[a:b], a, req_next[a:b], dec, act)
-            cursor = layer_time(sc, ffn_tok, ffn_s, tl, act, n, req_ntok[a:b], ntok, cursor)
+            t_route = cursor + attn_time(sc, tl, ntok)
+            if hybrid:
+                n = serve_hybrid(ctl, st, pos, l, req_e[a:b], a, req_next[a:b], dec, act, req_ntok[a:b],
+                                 t_route, acc[0], acc[5])
+            else:
+                n = serve(ctl, st, pos, l, req_e[a:b], a, req_next[a:b], dec, act)
+            cursor = layer_time(sc, ffn_tok, ffn_s, cpu_tok, cpu_s, tl, act, n, req_ntok[a:b], t_route)
             if observe_on or (predict_on and dec):
                 m = after(ctl, st, pos, l, tok_ex[t0:t1, l], hid[t0:t1, l], dec, predict_on and dec, act)
                 enqueue_copies(sc, tl, act, m, cursor)

@@ -11,7 +11,8 @@ COLUMNS = (
     "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_dropped",
     "transfers", "decode_transfers", "transfers_per_token", "bytes_per_token",
     "transfers_above_belady", "stall_ms_per_token", "compute_ms_per_token", "time_ms_per_token",
-    "stall_share", "sim_tokens_per_s", "decode_tokens",
+    "stall_share", "sim_tokens_per_s", "decode_tokens", "cpu_misses", "cpu_miss_share",
+    "cpu_ms_per_token",
 )
 
 
@@ -40,6 +41,9 @@ def metric_row(trace: str, policy: str, kind: str, capacity: int, r: ReplayResul
         "stall_share": _div(r.decode_stall_s, r.decode_s),
         "sim_tokens_per_s": _div(tok, r.decode_s),
         "decode_tokens": tok,
+        "cpu_misses": c["cpu_misses"],
+        "cpu_miss_share": _div(c["cpu_misses"], c["requests"] - c["hits"]),
+        "cpu_ms_per_token": 1e3 * _div(r.cpu_busy_s, tok),
     }
 
 

@@ -12,7 +12,7 @@ from tracekit.replay.metrics import COLUMNS
 JSON_KEYS = ("trace", "policy", "capacity", "applicable", "reason", "requests", "hit_rate",
              "decode_hit_rate", "transfers_per_token", "bytes_per_token", "transfers_above_belady",
              "stall_ms_per_token", "time_ms_per_token", "sim_tokens_per_s", "prefetch_issued",
-             "prefetch_used", "prefetch_wasted")
+             "prefetch_used", "prefetch_wasted", "cpu_miss_share")
 
 
 def _f(v, fmt):
@@ -30,7 +30,7 @@ def render_table(rows: list[dict], profile_name: str, console=None) -> None:
     for trace in dict.fromkeys(r["trace"] for r in rows):
         t = Table(title=f"{trace}  (profile {profile_name})", title_justify="left")
         for col in ("policy", "C", "decode hit", "all hit", "xfer/tok", "GB/tok", "above MIN",
-                    "stall ms/tok", "ms/tok", "sim tok/s", "pf used/issued"):
+                    "stall ms/tok", "ms/tok", "sim tok/s", "pf used/issued", "CPU misses"):
             t.add_column(col, justify="left" if col == "policy" else "right")
         for r in rows:
             if r["trace"] != trace:
@@ -38,13 +38,14 @@ def render_table(rows: list[dict], profile_name: str, console=None) -> None:
             name = r["policy"] + (" (oracle)" if r["kind"] == "oracle" else "")
             if not r["applicable"]:
                 t.add_row(name, str(r["capacity"]), f"[dim]not applicable: {r['reason']}[/dim]",
-                          *[""] * 8)
+                          *[""] * 9)
                 continue
             pf = f"{r['prefetch_used']}/{r['prefetch_issued']}" if r["prefetch_issued"] else "-"
             t.add_row(name, str(r["capacity"]), _f(r["decode_hit_rate"], ".4f"), _f(r["hit_rate"], ".4f"),
                       _f(r["transfers_per_token"], ".2f"), _f(r["bytes_per_token"] / 1e9, ".3f"),
                       _f(r["transfers_above_belady"], "+.2f"), _f(r["stall_ms_per_token"], ".1f"),
-                      _f(r["time_ms_per_token"], ".1f"), _f(r["sim_tokens_per_s"], ".2f"), pf)
+                      _f(r["time_ms_per_token"], ".1f"), _f(r["sim_tokens_per_s"], ".2f"), pf,
+                      f"{r['cpu_miss_share']:.0%}" if r["cpu_misses"] else "-")
         console.print(t)
 
 

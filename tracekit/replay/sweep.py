@@ -26,6 +26,7 @@ class SweepConfig:
     token_steps: bool = False     # --steps tokens
     expert_bytes: float | None = None
     jobs: int = 0                 # 0: all cores
+    hybrid: bool = False          # misses may be computed on the host CPU (issue 5)
     params: dict = field(default_factory=dict)
 
 
@@ -47,7 +48,7 @@ def _one(job: tuple[str, str, int]) -> dict:
     try:
         r = replay_one(spec, plan, C, _CFG.profile, cap=_CFG.cap, depth=_CFG.depth, router=trace.router,
                        hidden_kind=trace.hidden_kind, expert_bytes=_expert_bytes(trace, _CFG),
-                       params=_CFG.params)
+                       params=_CFG.params, hybrid=_CFG.hybrid)
     except NotApplicable as exc:
         return not_applicable_row(name, policy, spec.kind, C, str(exc))
     return metric_row(name, policy, spec.kind, C, r)
