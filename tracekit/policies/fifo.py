@@ -4,8 +4,14 @@ import numpy as np
 from numba import njit
 
 from tracekit.policies import register
-from tracekit.policies.base import (PolicySpec, argmin_masked, no_predict, noop_access, noop_evict,
-                                    noop_observe)
+from tracekit.policies.base import (
+    PolicySpec,
+    argmin_masked,
+    no_predict,
+    noop_access,
+    noop_evict,
+    noop_observe,
+)
 
 
 def make_state(ctx):
