@@ -7,6 +7,7 @@ import time
 from typing import Optional
 
 import typer
+
 from tracekit.cli.app import app
 
 

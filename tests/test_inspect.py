@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tracekit.cli.inspect_cmd import expert_popularity, repeat_rate
 
+from tracekit.cli.inspect_cmd import expert_popularity, repeat_rate
 from tracekit.trace.native import TraceWriter
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces")
