@@ -134,9 +134,9 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
     try:
         gen(ld.model, ld.tokenizer) if device.startswith("cuda") else None
         off, off_tps = gen(ld.model, ld.tokenizer)
-        counters = runner.counters()
     finally:
         runner.close()
+    counters = runner.counters()
     info = ld.info
     res = {"model": model, "layers": info["num_hidden_layers"], "policy": policy, "capacity": capacity,
            "cap": cap, "prompts": len(texts), "new_tokens": max_tokens, "identical": ref == off,
