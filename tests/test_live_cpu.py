@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 
+from tracekit import policies as P
+from tracekit.errors import UserError
 from tracekit.live.executor import Shapes, TraceExecutor, make_context
 from tracekit.live.store import ExpertStore, check_fits
 from tracekit.live.tracecut import check_shape, cut
-from tracekit.errors import UserError
-from tracekit import policies as P
 from tracekit.replay.cost import load_profile
 from tracekit.replay.engine import replay_one
 from tracekit.replay.plan import build_plan

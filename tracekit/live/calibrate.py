@@ -92,7 +92,7 @@ def calibrate(shapes: Shapes = MIXTRAL, batch: tuple = (1, 2, 4, 8, 16, 32, 64, 
         enq = (time.perf_counter() - h0) / n_small
         torch.cuda.synchronize()
         log(f"tiny copy: {t_tiny * 1e3:.2f} us GPU, {enq * 1e6:.2f} us to enqueue")
-        del dst
+        dst = None  # free the GPU buffer
     finally:
         store.free()
 
@@ -120,7 +120,7 @@ def calibrate(shapes: Shapes = MIXTRAL, batch: tuple = (1, 2, 4, 8, 16, 32, 64, 
     _time(chunked_ffn, 3)
     t_cffn = _time(chunked_ffn, max(reps, 10))
     log(f"FFN chunked ({len(rows)} chunks of ~16 MB), 1 token: {t_cffn:.4f} ms")
-    del w
+    w = None  # free the experts
     ne = NonExpert(1, shapes.H, shapes.E, shapes.kvdim, dev)
     attn = {}
     for n in (1, 128):
