@@ -15,7 +15,8 @@ from collections import deque
 
 COUNTERS = ("requests", "hits", "decode_requests", "decode_hits", "demand_transfers",
             "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_dropped",
-            "decode_transfers", "evictions", "transfers")
+            "decode_transfers", "evictions", "transfers",
+            "cpu_misses", "decode_cpu_misses")          # always 0: no hybrid (host-CPU) serving here
 NEVER = 1 << 62
 
 
