@@ -19,7 +19,7 @@ from pathlib import Path
 from tracekit.policies import PolicySpec
 
 _HERE = Path(__file__).parent
-_DEPS = ("engine_template.py", "controller.py", "cost.py")
+_DEPS = ("engine_template.py", "controller.py", "cost.py", "../policies/base.py")
 
 
 def cache_dir() -> Path:
