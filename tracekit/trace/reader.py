@@ -30,6 +30,8 @@ def _open_schema(path: str) -> pa.Schema:
 
 def read_trace(path: str | os.PathLike, load_hidden: bool = True) -> Trace:
     path = os.fspath(path)
+    if path.startswith("synthetic:"):
+        return _synthetic(path)
     if os.path.isdir(path) or path.endswith(".tmp"):
         from tracekit.trace.native import read_partial
 
@@ -57,3 +59,20 @@ def read_trace(path: str | os.PathLike, load_hidden: bool = True) -> Trace:
         f"{path}: not a routing trace (columns {schema.names[:8]}); expected a tracekit trace "
         "or the long format (seq_id, token_idx, layer, expert, rank, weight, phase)"
     )
+
+
+def _synthetic(spec: str) -> Trace:
+    """'synthetic:tokens=1000000,layers=32,experts=8,top_k=2,seed=0' -> a generated trace (benchmarks)."""
+    from tracekit.trace.synthetic import synthetic_trace
+
+    kw: dict = {}
+    allowed = {"tokens", "layers", "experts", "top_k", "prefill", "hidden_dim", "seed", "stickiness"}
+    for item in filter(None, spec[len("synthetic:"):].split(",")):
+        key, _, val = item.partition("=")
+        if key not in allowed:
+            raise UserError(f"{spec}: unknown synthetic trace key {key!r}; known: {', '.join(sorted(allowed))}")
+        try:
+            kw[key] = float(val) if key == "stickiness" else int(val)
+        except ValueError:
+            raise UserError(f"{spec}: {key} wants a number, got {val!r}") from None
+    return synthetic_trace(**kw)
