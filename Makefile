@@ -24,7 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_replay.py --out docs/benchmarks.md
-	$(BIN)/python bench/replay_results.py --out docs/results_replay.md
+	$(BIN)/python bench/replay_results.py --out docs/results.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check tracekit cli tests bench
