@@ -1,0 +1,145 @@
+"""tracekit replay end to end: outputs, errors, no torch, hybrid, the cost model's breakdown."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
+TWO = SHARED / "mixtral8x7b_humaneval_2probs_decode.parquet"
+needs_shared = pytest.mark.skipif(not TWO.exists(), reason="../shared/traces not present")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tracekit.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def json_rows(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+@needs_shared
+def test_json_rows_reproduce_reference_and_bound(tmp_path):
+    out = tmp_path / "r.parquet"
+    r = run_cli("replay", TWO, "--policy", "lru,belady,trajectory", "--capacity", "2,4", "--format", "json",
+                "--out", out, "--jobs", "1")
+    assert r.returncode == 0, r.stderr
+    rows = {(x["policy"], x["capacity"]): x for x in json_rows(r.stdout)}
+    assert len(rows) == 6
+    for key in ("trace", "policy", "capacity", "applicable", "requests", "hit_rate", "decode_hit_rate",
+                "transfers_per_token", "bytes_per_token", "sim_tokens_per_s"):
+        assert key in rows[("lru", 2)]
+    assert round(rows[("lru", 2)]["decode_hit_rate"], 4) == 0.3431
+    assert round(rows[("belady", 4)]["decode_hit_rate"], 4) == 0.7628
+    assert rows[("belady", 2)]["transfers_above_belady"] == 0
+    assert rows[("lru", 2)]["transfers_above_belady"] > 0
+    # fewer bytes per token -> more simulated tokens/s
+    assert rows[("belady", 2)]["sim_tokens_per_s"] > rows[("lru", 2)]["sim_tokens_per_s"]
+    assert rows[("trajectory", 2)]["applicable"] is False and "hidden" in rows[("trajectory", 2)]["reason"]
+    table = pq.read_table(out)
+    assert table.num_rows == 6 and "sim_tokens_per_s" in table.column_names
+
+
+@needs_shared
+def test_plot_and_csv(tmp_path):
+    png = tmp_path / "c.png"
+    r = run_cli("replay", TWO, "-p", "lru,belady", "-c", "1,2", "--format", "csv", "--plot", png, "-j", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("trace,policy,kind,capacity")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"a": [1, 2]}), foreign)
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    existing = tmp_path / "keep.parquet"
+    existing.write_bytes(b"precious")
+    cases = [
+        ("replay", tmp_path / "missing.parquet"),
+        ("replay", foreign),
+        ("replay", corrupt),
+        ("replay", "synthetic:tokens=50,layers=2", "--policy", "nope"),
+        ("replay", "synthetic:tokens=50,layers=2", "--capacity", "0"),
+        ("replay", "synthetic:tokens=50,layers=2", "--profile", "no-such-gpu"),
+        ("replay", "synthetic:tokens=50,layers=2", "--out", existing),
+    ]
+    for args in cases:
+        r = run_cli(*args)
+        assert r.returncode != 0, args
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert existing.read_bytes() == b"precious"
+
+
+def test_replay_never_imports_torch():
+    code = ("import sys; from tracekit.cli.app import main\n"
+            "try:\n    main(['replay', 'synthetic:tokens=200,layers=2', '-p', 'lru', '-c', '1', '-f', 'json', '-j', '1'])\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys; import tracekit.cli.app as a; a._register()\n"
+            "heavy = [m for m in ('torch', 'transformers', 'numba') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@needs_shared
+def test_hybrid_moves_fewer_bytes_and_uses_the_cpu():
+    from tracekit import policies
+    from tracekit.replay.cost import load_profile
+    from tracekit.replay.engine import replay_one
+    from tracekit.replay.plan import build_plan
+    from tracekit.trace import read_trace
+
+    plan = build_plan(read_trace(TWO))
+    prof = load_profile("h100-pcie5")
+    base = replay_one(policies.get("lru"), plan, 2, prof)
+    hyb = replay_one(policies.get("lru"), plan, 2, prof, hybrid=True)
+    c0, c1 = base.counters, hyb.counters
+    assert c0["cpu_misses"] == 0 and c1["cpu_misses"] > 0
+    # every request is a hit, a copied miss or a CPU miss
+    assert c1["hits"] + c1["demand_transfers"] + c1["cpu_misses"] == c1["requests"]
+    assert c1["transfers"] < c0["transfers"]
+    assert hyb.decode_tokens / hyb.decode_s > base.decode_tokens / base.decode_s
+    assert hyb.cpu_busy_s > 0
+
+
+def test_cost_breakdown_adds_up():
+    """A decode-only trace with every request a miss: time = attention + copies, stall = copy wait."""
+    import numpy as np
+
+    from tracekit import policies
+    from tracekit.replay.cost import Profile
+    from tracekit.replay.engine import replay_one
+    from tracekit.replay.plan import build_plan
+    from tracekit.trace.core import Trace
+
+    T, L = 10, 1
+    ex = np.zeros((T, L, 1), dtype=np.int16)
+    ex[1::2] = 1                                 # experts 0,1,0,1,... with C=1: every request misses
+    tr = Trace(path="t", format="synthetic", complete=True, num_layers=L, num_experts=2, top_k=1,
+               seq_id=np.zeros(T, np.int32), step=np.arange(T, dtype=np.int32), phase=np.ones(T, np.int8),
+               position=np.arange(T, dtype=np.int32), token_id=np.zeros(T, np.int32), experts=ex,
+               weights=np.ones((T, L, 1), np.float32))
+    prof = Profile(name="t", h2d_GBps=1.0, copy_overhead_us=0.0, expert_MB=1.0, attn_ms=1.0, ffn_ms={"1": 2.0})
+    r = replay_one(policies.get("lru"), build_plan(tr), 1, prof)
+    assert r.counters["transfers"] == T and r.counters["hits"] == 0
+    # per token: attention 1 ms, copy 1 ms (1 MB at 1 GB/s) issued after attention, FFN 2 ms
+    assert r.decode_s == pytest.approx(T * 4e-3)
+    assert r.decode_stall_s == pytest.approx(T * 1e-3)
+    assert r.decode_compute_s == pytest.approx(T * 3e-3)
+    assert r.bytes == pytest.approx(T * 1e6)
