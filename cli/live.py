@@ -29,6 +29,9 @@ def live(
     out: Optional[str] = typer.Option(None, help="profile path for --calibrate"),
     device: str = typer.Option("cuda", help="cuda (cpu only for tests: meaningless timings)"),
     dry_run: bool = typer.Option(False, help="bookkeeping only (no GPU): counters as live/replay count them"),
+    hybrid: bool = typer.Option(False, help="each miss is copied or computed on the host CPU, as replay's cost "
+                                "model (--profile, which needs cpu_ffn_ms) decides; trace-driven only"),
+    cpu_threads: Optional[int] = typer.Option(None, help="torch threads of the CPU-miss worker (default: cores - 1)"),
 ) -> None:
     """Execute a policy's decisions with pinned experts, real copies and real FFNs; compare with replay."""
     if fmt not in ("table", "json"):
@@ -54,8 +57,10 @@ def live(
             shapes = session.shapes_from_config(_config(model))
         rows = _interruptible(lambda: session.trace_sweep(
             trace, [policy], [capacity], cap, (chunk_mb,), layers, max_tokens, profile, device, dry_run,
-            shapes, log=_log))
+            shapes, log=_log, hybrids=(hybrid,), cpu_threads=cpu_threads))
         return _print_rows(rows, fmt)
+    if hybrid:
+        raise UserError("--hybrid is implemented for trace-driven runs (--trace) only, not yet with --model")
     res = _interruptible(lambda: session.model_run(model, policy, capacity, cap, chunk_mb, random_weights,
                                                    prompts, layers, max_tokens, device, log=_log))
     print(json.dumps(res, indent=2) if fmt == "json" else
@@ -123,6 +128,9 @@ def _print_rows(rows: list, fmt: str) -> None:
             ("stall ms/tok", "stall_ms_per_token", "{:.2f}"), ("compute ms/tok", "compute_ms_per_token", "{:.2f}"),
             ("policy ms/tok", "policy_ms_per_token", "{:.3f}"), ("eff", "efficiency", "{:.2f}"),
             ("= replay", "bookkeeping_equal", "{}")]
+    if any(r.get("hybrid") for r in rows):
+        cols[-1:-1] = [("cpu share", "cpu_share", "{:.2f}"), ("cpu wait ms/tok", "cpu_wait_ms_per_token", "{:.2f}"),
+                       ("cpu ms/job", "cpu_ms_per_job", "{:.2f}")]
     for h, _, _ in cols:
         t.add_column(h)
     for r in rows:

@@ -63,3 +63,30 @@ def test_model_driven_tiny_identical(torch):
         r = model_run("tiny-mixtral", pol, 2, 2, 4.0, random_weights=True, max_tokens=12, device="cuda",
                       n_prompts=2, log=lambda m: None)
         assert r["identical"], r
+
+
+def test_cpu_worker_expert_equals_gpu_expert(torch):
+    # the same expert (live layout, bf16) computed by the CPU worker on pinned host memory and by the
+    # GPU path: equal within bf16 tolerance; the result comes back through the worker's D2H/H2D path
+    from tracekit.live.cpu_worker import CpuWorker
+    from tracekit.live.executor import Shapes
+    from tracekit.live.ffn import ffn_rows
+
+    sh = Shapes(1, 2, 512, 1024, 128)
+    w = (torch.randn(sh.F, 3, sh.H) * 0.05).to(torch.bfloat16).pin_memory()
+    xd = torch.randn(4, sh.H, device="cuda").to(torch.bfloat16)
+    yd = torch.zeros(4, sh.H, device="cuda", dtype=torch.bfloat16)
+    ffn_rows(xd, w.cuda(), yd, 0, sh.F)
+    wk = CpuWorker(sh, 8, "cuda", threads=2)
+    try:
+        ev = torch.cuda.Event()
+        ev.record()
+        xh, evx = wk.send_hidden(xd, 4, 0, ev)
+        job = wk.submit(evx, xh, w, 0, 0, 0)
+        out = torch.zeros_like(yd)
+        wk.collect(job, 0, 0, 4, out)
+        torch.cuda.synchronize()
+    finally:
+        wk.close()
+    scale = yd.float().abs().max()
+    assert torch.allclose(out.float(), yd.float(), rtol=2e-2, atol=2e-2 * scale)

@@ -7,6 +7,8 @@ Measures, with CUDA events (median of repeats, after warm-up):
   ffn_ms            one expert's FFN (live layout, unchunked) for 1..B tokens
   ffn_chunked_ms    the same FFN split into ~16 MB chunks (1 token)
   attn_ms, attn_ms_per_token   the non-expert stand-in per layer (QKV, O, router)
+  cpu_ffn_ms, cpu_threads, act_copy_us, contention_copy, contention_cpu   the hybrid path
+                    (tracekit/live/calib_cpu.py)
 The JSON has the fields of tracekit/replay/profiles/h100-pcie5.json (extra keys are ignored by replay).
 """
 
@@ -37,7 +39,8 @@ def _time(fn, reps: int, stream=None) -> float:
 
 
 def calibrate(shapes: Shapes = MIXTRAL, batch: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256),
-              chunk_mb: tuple = (1, 4, 16, 64), reps: int = 5, name: str = "calibrated", log=print) -> dict:
+              chunk_mb: tuple = (1, 4, 16, 64), reps: int = 5, name: str = "calibrated", log=print,
+              cpu: bool = True) -> dict:
     import torch
 
     from tracekit.live.store import ExpertStore
@@ -129,11 +132,16 @@ def calibrate(shapes: Shapes = MIXTRAL, batch: tuple = (1, 2, 4, 8, 16, 32, 64, 
     per_tok = max(0.0, (attn[128] - attn[1]) / 127)
     log(f"attention stand-in per layer: {attn[1]:.4f} ms at 1 token, {attn[128]:.4f} ms at 128")
     torch.cuda.empty_cache()
-    return {
+    hyb = {}
+    if cpu:
+        from tracekit.live.calib_cpu import calibrate_cpu
+
+        hyb = calibrate_cpu(shapes, reps=reps, log=log)
+    return hyb | {
         "name": name,
         "card": torch.cuda.get_device_name(0),
         "source": f"tracekit live --calibrate (torch {torch.__version__}); attention = QKV/O/router stand-in "
-                  f"of the live executor, no KV-cache attention; cpu_ffn_ms not measured",
+                  f"of the live executor, no KV-cache attention" + ("" if cpu else "; cpu_ffn_ms not measured"),
         "h2d_GBps": round(h2d, 2),
         "copy_overhead_us": round(t_tiny * 1e3, 2),
         "expert_MB": round(nbytes / 1e6, 2),
@@ -141,7 +149,7 @@ def calibrate(shapes: Shapes = MIXTRAL, batch: tuple = (1, 2, 4, 8, 16, 32, 64, 
         "attn_ms_per_token": round(per_tok, 6),
         "chunks": 1,
         "ffn_ms": ffn,
-        "act_copy_us": 20.0,
+        "act_copy_us": hyb.get("act_copy_us", 20.0),
         "contention": 1.0,
         "h2d_chunk_GBps": chunk_bw,
         "copy_enqueue_us": round(enq * 1e6, 2),

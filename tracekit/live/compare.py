@@ -40,11 +40,12 @@ def _key(table: dict, v: float):
     raise KeyError(v)
 
 
-def predict(spec, plan, capacity: int, cap: int, profile: Profile, expert_bytes: float, ctx=None):
+def predict(spec, plan, capacity: int, cap: int, profile: Profile, expert_bytes: float, ctx=None,
+            hybrid: bool = False):
     """(ReplayResult, predicted decode tokens/s)."""
-    kw = {}
+    kw = {"hybrid": True} if hybrid else {}
     if ctx is not None:
-        kw = dict(depth=ctx.depth, router=ctx.router, hidden_kind=ctx.hidden_kind, params=ctx.params)
+        kw.update(depth=ctx.depth, router=ctx.router, hidden_kind=ctx.hidden_kind, params=ctx.params)
     r = replay_one(spec, plan, capacity, profile, cap=cap, expert_bytes=expert_bytes, **kw)
     tok_s = r.decode_tokens / r.decode_s if r.decode_s > 0 else float("nan")
     return r, tok_s
@@ -99,4 +100,12 @@ def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_n
         "nondecode_s": live.extra.get("all_steps_s", float("nan")) - live.decode_s,   # prefill steps (GPU)
         "pred_nondecode_s": pred_nondecode_s,
         "counters": dict(c),
+        "hybrid": bool(live.extra.get("hybrid", False)),
+        "cpu_misses": c.get("cpu_misses", 0), "decode_cpu_misses": c.get("decode_cpu_misses", 0),
+        "cpu_share": (c.get("decode_cpu_misses", 0) / (c["decode_requests"] - c["decode_hits"])
+                      if c["decode_requests"] > c["decode_hits"] else 0.0),
+        "cpu_wait_ms_per_token": live.cpu_wait_s / n * 1e3,
+        "cpu_busy_ms_per_token": live.cpu_busy_s / n * 1e3,
+        "cpu_ms_per_job": live.cpu_busy_s / live.cpu_jobs * 1e3 if live.cpu_jobs else float("nan"),
+        "cpu_threads": live.extra.get("cpu_threads", 0),
     }

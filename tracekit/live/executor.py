@@ -22,7 +22,7 @@ from tracekit.live.ffn import NonExpert, chunk_rows, ffn_rows
 from tracekit.policies import NotApplicable, PolicyContext
 from tracekit.replay import controller as ctlmod
 
-HIT, MISS, PREFETCH = ctlmod.HIT, ctlmod.MISS, ctlmod.PREFETCH
+HIT, MISS, PREFETCH, CPU = ctlmod.HIT, ctlmod.MISS, ctlmod.PREFETCH, ctlmod.CPU
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ class LiveResult:
     bytes_decode: float = 0.0
     bytes_total: float = 0.0
     copy_busy_s: float = 0.0       # all steps: copy-stream busy time
+    cpu_wait_s: float = 0.0        # decode: compute stream idle waiting for CPU-miss results (hybrid)
+    cpu_busy_s: float = 0.0        # decode: host time of the CPU-miss FFNs (worker thread)
+    cpu_jobs: int = 0              # decode: CPU-miss FFNs run
     wall_s: float = 0.0            # host time of the whole run
     timed: bool = False
     extra: dict = field(default_factory=dict)
@@ -93,8 +96,10 @@ class TraceExecutor:
     """Slots [L, C, F, 3, H] on `device`; experts from `store` (ExpertStore, flat [E, numel] per layer)."""
 
     def __init__(self, shapes: Shapes, C: int, device="cuda", store=None, *, chunk_mb: float = 16.0,
-                 rows: list | None = None, timing: bool = True, dry: bool = False, max_tokens: int = 512):
+                 rows: list | None = None, timing: bool = True, dry: bool = False, max_tokens: int = 512,
+                 cpu_threads: int | None = None):
         self.shapes, self.C, self.dry = shapes, C, dry
+        self.cpu_threads, self.worker = cpu_threads, None
         self.rows = rows or chunk_rows(shapes.F, shapes.H, chunk_mb)
         self.bounds = [f0 * 3 * shapes.H for f0, _ in self.rows] + [shapes.numel]
         self.device, self.timing, self.store = device, timing, store
@@ -112,29 +117,49 @@ class TraceExecutor:
 
     # ---- one run --------------------------------------------------------------------------
     def run(self, spec, plan, capacity: int, cap: int = 2, ctx: PolicyContext | None = None,
-            warmup_steps: int = 0) -> LiveResult:
+            warmup_steps: int = 0, hybrid=None) -> LiveResult:
+        """hybrid: None (transfer only) or the replay Profile whose cost model decides CPU vs copy
+        (must be the profile replay predicts with, for equal counters)."""
         if capacity != self.C:
             raise ValueError("executor slots were built for another capacity")
         if plan.L != self.shapes.L or plan.E != self.shapes.E:
             raise UserError(f"trace has {plan.L} layers x {plan.E} experts; executor has "
                             f"{self.shapes.L} x {self.shapes.E}")
         ctx = ctx or make_context(plan, capacity)
-        if warmup_steps and not self.dry:
-            self._loop(spec, plan, capacity, cap, ctx, min(warmup_steps, plan.num_steps), timed=False)
-        return self._loop(spec, plan, capacity, cap, ctx, plan.num_steps, timed=self.timing)
+        if hybrid is not None and not self.dry and self.worker is None:
+            from tracekit.live.cpu_worker import CpuWorker
 
-    def _loop(self, spec, plan, C, cap, ctx, S, timed) -> LiveResult:
+            self.worker = CpuWorker(self.shapes, self.x.shape[0], self.device, self.cpu_threads)
+        if warmup_steps and not self.dry:
+            self._loop(spec, plan, capacity, cap, ctx, min(warmup_steps, plan.num_steps), False, hybrid)
+        return self._loop(spec, plan, capacity, cap, ctx, plan.num_steps, self.timing, hybrid)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+    def _loop(self, spec, plan, C, cap, ctx, S, timed, hybrid=None) -> LiveResult:
         serve, after, finish = ctlmod.build(spec)
         try:
             st = spec.make_state(ctx)
         except NotApplicable as exc:
             raise UserError(f"policy {spec.name} cannot run on this trace: {exc}") from None
         ctl = ctlmod.new_controller(plan.L, plan.E, C, cap)
+        clock = None
+        if hybrid is not None:
+            from tracekit.live.cpu_worker import HybridClock
+
+            clock = HybridClock(spec, plan, C, hybrid, self.shapes.expert_bytes, ctl)
+            ctl = clock.ctl
+        if self.worker is not None:
+            self.worker.jobs = []
         act = np.zeros((4 * plan.K * 64 + 1024, 5), dtype=np.int64)
         predict_on = spec.prefetches
         L = plan.L
         cp = None if self.dry else Copier(self.device, L, C, len(self.rows), timed)
         self._cp = cp
+        self._cpu_waits = []
         dec_host_policy = 0.0
         step_bytes = np.zeros(S)
         spans: list = []
@@ -156,7 +181,10 @@ class TraceExecutor:
                 pos = s * L + l
                 a, b = req_ptr[pos], req_ptr[pos + 1]
                 h0 = time.perf_counter()
-                n = serve(ctl, st, pos, l, req_e[a:b], a, req_next[a:b], dec, act)
+                if clock is None:
+                    n = serve(ctl, st, pos, l, req_e[a:b], a, req_next[a:b], dec, act)
+                else:
+                    n = clock.serve(st, pos, l, req_e[a:b], a, req_next[a:b], dec, act, req_ntok[a:b], t1 - t0)
                 rows = act[:n].tolist()
                 pol += time.perf_counter() - h0
                 if cp is not None:
@@ -164,6 +192,8 @@ class TraceExecutor:
                 h0 = time.perf_counter()
                 m = after(ctl, st, pos, l, tok_ex[t0:t1, l], hid[t0:t1, l], dec, predict_on and dec, act)
                 prow = act[:m].tolist()
+                if clock is not None:
+                    clock.after_copies(act, m)
                 pol += time.perf_counter() - h0
                 if cp is not None and prow:
                     lend = cp.mark("lend")
@@ -184,19 +214,26 @@ class TraceExecutor:
         res = LiveResult(spec.name, C, cap, len(self.rows), L, ctlmod.counters_dict(ctl), S,
                          int(np.diff(tok_ptr[: S + 1])[decode[:S] == 1].sum()), wall_s=wall)
         res.policy_s = dec_host_policy
+        if clock is not None:
+            res.extra["pred_cpu_busy_s"] = clock.predicted_cpu_busy_s
+        if self.worker is not None and hybrid is not None:
+            dj = [j for j in self.worker.jobs if decode[j.step] == 1]
+            res.cpu_jobs = len(dj)
+            res.cpu_busy_s = float(sum(j.seconds for j in dj))
+            res.extra["cpu_threads"] = self.worker.threads
         res.bytes_total = float(step_bytes.sum()) if cp is not None else \
             float(res.counters["transfers"] * self.shapes.expert_bytes)
         res.bytes_decode = float(step_bytes[decode[:S] == 1].sum()) if cp is not None else \
             float(res.counters["decode_transfers"] * self.shapes.expert_bytes)
         if torch is not None:
-            self._read_timing(res, cp, start, step_ev, spans, decode[:S])
+            self._read_timing(res, cp, start, step_ev, spans, decode[:S], self._cpu_waits)
         elif cp is not None:
             res.decode_s = wall * res.decode_tokens / max(1, int(np.diff(tok_ptr[: S + 1]).sum()))
         return res
 
     # ---- one layer --------------------------------------------------------------------------
     def _layer(self, cp, rows, l, step, xs, ntoks, spans) -> float:
-        """Attention stand-in, this layer's copies and FFNs. Returns the bytes copied."""
+        """Attention stand-in, this layer's copies, CPU misses and FFNs. Returns the bytes copied."""
         import torch
 
         moved = 0.0
@@ -206,10 +243,13 @@ class TraceExecutor:
             ev0.record(cp.compute)
         y, _ = self.nonexp(l, xs)                      # [n, H]
         route = cp.mark("route")
+        jobs = self._cpu_jobs(rows, l, step, xs, ntoks, route) if self.worker is not None else ()
         last_user: dict = {}                           # slot -> index of the last compute row on it
         deferred: dict = {}
         for i, r in enumerate(rows):
             kind, ll, sl = r[0], r[1], r[3]
+            if kind == CPU:
+                continue
             if kind != HIT:
                 moved += self.shapes.expert_bytes
                 if ll == l and sl in last_user:        # the slot's previous expert is computed first
@@ -221,7 +261,7 @@ class TraceExecutor:
         F = self.shapes.F
         for i, r in enumerate(rows):
             kind, sl, ri = r[0], r[3], r[4]
-            if kind == PREFETCH:
+            if kind == PREFETCH or kind == CPU:
                 continue
             ne = int(ntoks[ri])
             xe, ye, w = xs[:ne], y[:ne], self.w[l][sl]
@@ -235,11 +275,37 @@ class TraceExecutor:
             cp.release(l, sl)
             for d in deferred.get(i, ()):
                 self._copy(cp, d, None, step)
+        if jobs:                                       # CPU misses: the layer needs their results now
+            pre = post = None
+            if spans is not None:
+                pre, post = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                pre.record(cp.compute)
+            for j, (job, ne) in enumerate(jobs):
+                self.worker.collect(job, l % 2, j, ne, y)
+            if pre is not None:
+                post.record(cp.compute)
+                self._cpu_waits.append((step, pre, post))
         if spans is not None:
             ev1 = torch.cuda.Event(enable_timing=True)
             ev1.record(cp.compute)
             spans.append((step, ev0, ev1))
         return moved
+
+    def _cpu_jobs(self, rows, l, step, xs, ntoks, route) -> list:
+        """Send the hidden state to the host once for the layer's CPU misses and queue their FFNs."""
+        cpu = [r for r in rows if r[0] == CPU]
+        if not cpu:
+            return []
+        wk, p = self.worker, l % 2
+        n = max(int(ntoks[r[4]]) for r in cpu)
+        xh, ev = wk.send_hidden(xs, n, p, route)
+        E3 = (self.shapes.F, 3, self.shapes.H)
+        out = []
+        for j, r in enumerate(cpu):
+            ne = int(ntoks[r[4]])
+            w = self.store.layers[l][r[2]].view(E3)
+            out.append((wk.submit(ev, xh[:ne], w, p, j, step), ne))
+        return out
 
     def _copy(self, cp, r, after, step) -> None:
         ll, e, sl = r[1], r[2], r[3]
@@ -247,7 +313,7 @@ class TraceExecutor:
 
     # ---- timing -----------------------------------------------------------------------------
     @staticmethod
-    def _read_timing(res, cp, start, step_ev, spans, decode) -> None:
+    def _read_timing(res, cp, start, step_ev, spans, decode, cpu_waits=()) -> None:
         S = len(step_ev)
         step_ms = np.zeros(S)
         prev = start
@@ -260,6 +326,9 @@ class TraceExecutor:
         span = np.zeros(S)
         for s, a, b in spans:
             span[s] += a.elapsed_time(b)
+        cpu_wait = np.zeros(S)
+        for s, a, b in cpu_waits:
+            cpu_wait[s] += a.elapsed_time(b)
         busy = 0.0
         for _, a, b, _nb in cp.copies:
             busy += a.elapsed_time(b)
@@ -267,7 +336,8 @@ class TraceExecutor:
         res.timed = True
         res.decode_s = float(step_ms[d].sum()) * 1e-3
         res.stall_s = float(stall[d].sum()) * 1e-3
-        res.compute_s = float((span[d] - stall[d]).sum()) * 1e-3
+        res.cpu_wait_s = float(cpu_wait[d].sum()) * 1e-3
+        res.compute_s = float((span[d] - stall[d] - cpu_wait[d]).sum()) * 1e-3
         res.gap_s = float((step_ms[d] - span[d]).sum()) * 1e-3
         res.copy_busy_s = busy * 1e-3
         res.extra["all_steps_s"] = float(step_ms.sum()) * 1e-3

@@ -53,10 +53,10 @@ def prepare(trace_path: str, layers: int | None, max_tokens: int | None, shapes:
 def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap: int = 2,
                 chunk_mbs: tuple = (16.0,), layers: int | None = None, max_tokens: int | None = 100,
                 profile: str = "h100-pcie5", device: str = "cuda", dry: bool = False,
-                shapes: Shapes = MIXTRAL, store=None, log=print) -> list[dict]:
-    """One row per (capacity, chunking, policy): live beside replay's prediction."""
-    import os
-
+                shapes: Shapes = MIXTRAL, store=None, log=print, hybrids: tuple = (False,),
+                cpu_threads: int | None = None, on_row=None) -> list[dict]:
+    """One row per (capacity, chunking, policy, hybrid): live beside replay's prediction.
+    Hybrid runs decide CPU vs copy with replay's cost model and the same profile as the prediction."""
     from tracekit import policies as P
 
     tr, plan, shapes = prepare(trace_path, layers, max_tokens, shapes, dry, log)
@@ -71,22 +71,19 @@ def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap
         for C in capacities:
             for cmb in chunk_mbs:
                 ex = TraceExecutor(shapes, C, device, store, chunk_mb=cmb, dry=dry,
-                                   max_tokens=int(max(plan.tok_ptr[1:] - plan.tok_ptr[:-1])))
-                for name in policies:
-                    spec = P.get(name)
-                    ctx = make_context(plan, C, tr)
-                    live = ex.run(spec, plan, C, cap, ctx, warmup_steps=2)
-                    p = profile_for(prof, len(ex.rows), cmb, raw)
-                    rep, tok_s = predict(spec, plan, C, cap, p, shapes.expert_bytes, ctx)
-                    r = row(live, tok_s, p, plan, p.h2d_GBps, os.path.basename(trace_path),
-                            rep.total_s - rep.decode_s)
-                    r["chunk_mb"] = cmb
-                    r["bookkeeping_equal"] = rep.counters == live.counters
-                    r["profile"] = prof.name
-                    out.append(r)
-                    log(f"{r['trace']} C={C} chunk={cmb:g}MB {name}: live {r['live_tok_s']:.2f} tok/s, "
-                        f"pred {tok_s:.2f}, hit {r['hit_rate']:.3f}, eff {r['efficiency']:.2f}, "
-                        f"equal={r['bookkeeping_equal']}")
+                                   max_tokens=int(max(plan.tok_ptr[1:] - plan.tok_ptr[:-1])), cpu_threads=cpu_threads)
+                p = profile_for(prof, len(ex.rows), cmb, raw)
+                try:
+                    for name in policies:
+                        for hy in hybrids:
+                            r = _one(ex, P.get(name), plan, tr, C, cap, p, shapes, hy, trace_path, log)
+                            r["chunk_mb"] = cmb
+                            r["profile"] = prof.name
+                            out.append(r)
+                            if on_row is not None:
+                                on_row(r)
+                finally:
+                    ex.close()
                 del ex
                 if device.startswith("cuda"):
                     import torch
@@ -95,6 +92,22 @@ def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap
         if own:
             store.free()
     return out
+
+
+def _one(ex, spec, plan, tr, C, cap, p, shapes, hy, trace_path, log) -> dict:
+    import os
+
+    ctx = make_context(plan, C, tr)
+    live = ex.run(spec, plan, C, cap, ctx, warmup_steps=2, hybrid=p if hy else None)
+    live.extra["hybrid"] = hy
+    rep, tok_s = predict(spec, plan, C, cap, p, shapes.expert_bytes, ctx, hybrid=hy)
+    r = row(live, tok_s, p, plan, p.h2d_GBps, os.path.basename(trace_path), rep.total_s - rep.decode_s)
+    r["bookkeeping_equal"] = rep.counters == live.counters
+    r["pred_cpu_busy_s_all_steps"] = rep.cpu_busy_s
+    log(f"{r['trace']} C={C} chunks={len(ex.rows)} {spec.name}{' hybrid' if hy else ''}: live "
+        f"{r['live_tok_s']:.2f} tok/s, pred {tok_s:.2f}, hit {r['hit_rate']:.3f}, cpu share "
+        f"{r['cpu_share']:.2f}, eff {r['efficiency']:.2f}, equal={r['bookkeeping_equal']}")
+    return r
 
 
 def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: float = 16.0,
