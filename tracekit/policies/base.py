@@ -114,20 +114,19 @@ def no_predict(st, l, ex, hid, out):
 
 
 @njit(cache=True)
-def top_n_into(score, n, dstep, layer, out, start):
-    # Write the n highest-scoring experts (ties: lower id first), score > 0 only, as rows of out.
-    # score: float64[E]; returns the new row count.
+def top_valid_into(score, ok, n, dstep, layer, out):
+    # the n best scores among ok[e] == 1 (any sign; ties: lower id) -> rows (dstep, layer, e) of out.
+    # score: float64[E]; ok: int8[E] scratch, consumed. Returns the row count.
     E = score.shape[0]
-    taken = np.zeros(E, dtype=np.int8)
-    k = start
+    k = 0
     for _ in range(n):
         best = -1
         for e in range(E):
-            if not taken[e] and score[e] > 0 and (best < 0 or score[e] > score[best]):
+            if ok[e] and (best < 0 or score[e] > score[best]):
                 best = e
         if best < 0 or k >= out.shape[0]:
             break
-        taken[best] = 1
+        ok[best] = 0
         out[k, 0] = dstep
         out[k, 1] = layer
         out[k, 2] = best
@@ -135,6 +134,18 @@ def top_n_into(score, n, dstep, layer, out, start):
     return k
 
 
+# ---- LRU order on st[0] = last use [L, E]: the base eviction order of most policies --------
+
 @njit(cache=True)
-def lru_touch(last, l, e, now):
-    last[l, e] = now
+def lru_access(st, l, e, hit, now, nxt):
+    st[0][l, e] = now
+
+
+@njit(cache=True)
+def lru_insert(st, l, e, now):
+    st[0][l, e] = now
+
+
+@njit(cache=True)
+def lru_victim(st, l, cand):
+    return argmin_masked(st[0][l], cand)

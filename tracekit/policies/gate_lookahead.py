@@ -11,7 +11,15 @@ import numpy as np
 from numba import njit
 
 from tracekit.policies import NotApplicable, register
-from tracekit.policies.base import PolicySpec, argmin_masked, noop_evict, noop_observe
+from tracekit.policies.base import (
+    PolicySpec,
+    lru_access,
+    lru_insert,
+    lru_victim,
+    noop_evict,
+    noop_observe,
+    top_valid_into,
+)
 
 
 def make_state(ctx):
@@ -30,22 +38,7 @@ def make_state(ctx):
             r,                                                         # 1 router [L, E, D] float32
             np.array([max(1, ctx.depth or ctx.top_k)], dtype=np.int64),  # 2 depth [1]
             np.zeros(E, dtype=np.float64),                             # 3 logits scratch [E]
-            np.zeros(E, dtype=np.int8))                                # 4 taken scratch [E]
-
-
-@njit(cache=True)
-def on_access(st, l, e, hit, now, nxt):
-    st[0][l, e] = now
-
-
-@njit(cache=True)
-def on_insert(st, l, e, now):
-    st[0][l, e] = now
-
-
-@njit(cache=True)
-def victim(st, l, cand):
-    return argmin_masked(st[0][l], cand)
+            np.zeros(E, dtype=np.int8))                                # 4 candidate scratch [E]
 
 
 @njit(cache=True)
@@ -60,23 +53,10 @@ def predict(st, l, ex, hid, out):
         for d in range(hid.shape[0]):
             s += float(router[t, e, d]) * float(hid[d])
         logit[e] = s
-        taken[e] = 0
-    k = 0
-    for _ in range(min(depth, E)):
-        best = -1
-        for e in range(E):
-            if not taken[e] and (best < 0 or logit[e] > logit[best]):
-                best = e
-        if k >= out.shape[0]:
-            break
-        taken[best] = 1
-        out[k, 0] = 0
-        out[k, 1] = t
-        out[k, 2] = best
-        k += 1
-    return k
+        taken[e] = 1                              # every expert is a candidate
+    return top_valid_into(logit, taken, min(depth, E), 0, t, out)
 
 
 register(PolicySpec("gate-lookahead", "prefetch",
                     "apply layer L+1's router to layer L's hidden state (needs full hidden states + router)",
-                    make_state, on_access, on_insert, noop_evict, victim, noop_observe, predict))
+                    make_state, lru_access, lru_insert, noop_evict, lru_victim, noop_observe, predict))

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit
 
 from tracekit.policies import register
-from tracekit.policies.base import PolicySpec, argmin_masked, noop_evict, top_n_into
+from tracekit.policies.base import PolicySpec, lru_access, lru_insert, lru_victim, noop_evict, top_valid_into
 
 
 def make_state(ctx):
@@ -24,22 +24,8 @@ def make_state(ctx):
             np.zeros((L, E, E), dtype=np.int64),       # 1 transition counts P [L, E, E]
             np.full((L, K), -1, dtype=np.int64),       # 2 previous token's experts [L, K]
             np.array([max(1, ctx.depth or K)], dtype=np.int64),   # 3 depth [1]
-            np.zeros(E, dtype=np.float64))             # 4 score scratch [E]
-
-
-@njit(cache=True)
-def on_access(st, l, e, hit, now, nxt):
-    st[0][l, e] = now
-
-
-@njit(cache=True)
-def on_insert(st, l, e, now):
-    st[0][l, e] = now
-
-
-@njit(cache=True)
-def victim(st, l, cand):
-    return argmin_masked(st[0][l], cand)
+            np.zeros(E, dtype=np.float64),             # 4 score scratch [E]
+            np.zeros(E, dtype=np.int8))                # 5 candidate scratch [E]
 
 
 @njit(cache=True)
@@ -67,8 +53,11 @@ def predict(st, l, ex, hid, out):
             continue
         for b in range(score.shape[0]):
             score[b] += P[l, a, b]
-    return top_n_into(score, st[3][0], 1, l, out, 0)
+    ok = st[5]
+    for b in range(score.shape[0]):
+        ok[b] = 1 if score[b] > 0 else 0          # only experts ever seen to follow
+    return top_valid_into(score, ok, st[3][0], 1, l, out)
 
 
 register(PolicySpec("markov", "prefetch", "temporal chain: prefetch the likeliest experts of the next token",
-                    make_state, on_access, on_insert, noop_evict, victim, observe, predict))
+                    make_state, lru_access, lru_insert, noop_evict, lru_victim, observe, predict))

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 from tracekit.policies import NotApplicable, register
-from tracekit.policies.base import PolicySpec, argmin_masked, noop_evict
+from tracekit.policies.base import PolicySpec, lru_access, lru_insert, lru_victim, noop_evict, top_valid_into
 
 WARMUP = 16
 
@@ -37,21 +37,6 @@ def make_state(ctx):
 
 
 @njit(cache=True)
-def on_access(st, l, e, hit, now, nxt):
-    st[0][l, e] = now
-
-
-@njit(cache=True)
-def on_insert(st, l, e, now):
-    st[0][l, e] = now
-
-
-@njit(cache=True)
-def victim(st, l, cand):
-    return argmin_masked(st[0][l], cand)
-
-
-@njit(cache=True)
 def observe(st, l, ex, hid):
     cen, cnt, nobs = st[1], st[2], st[3]
     nobs[l] += 1
@@ -63,26 +48,6 @@ def observe(st, l, ex, hid):
         n = float(cnt[l, e])
         for d in range(hid.shape[0]):
             cen[l, e, d] += (float(hid[d]) - cen[l, e, d]) / n
-
-
-@njit(cache=True)
-def top_valid_into(score, ok, n, dstep, layer, out):
-    # the n best scores among ok[e] == 1 (any sign; ties: lower id) -> rows of out; returns count
-    E = score.shape[0]
-    k = 0
-    for _ in range(n):
-        best = -1
-        for e in range(E):
-            if ok[e] and (best < 0 or score[e] > score[best]):
-                best = e
-        if best < 0 or k >= out.shape[0]:
-            break
-        ok[best] = 0
-        out[k, 0] = dstep
-        out[k, 1] = layer
-        out[k, 2] = best
-        k += 1
-    return k
 
 
 @njit(cache=True)
@@ -114,4 +79,4 @@ def predict(st, l, ex, hid, out):
 
 register(PolicySpec("trajectory", "prefetch",
                     "centroid lookahead: prefetch layer-L+1 experts nearest the hidden state (needs hidden states)",
-                    make_state, on_access, on_insert, noop_evict, victim, observe, predict))
+                    make_state, lru_access, lru_insert, noop_evict, lru_victim, observe, predict))
