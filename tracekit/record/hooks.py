@@ -110,22 +110,19 @@ class RoutingHooks:
 
     # ---- per step -----------------------------------------------------------------------------
     def end_step(self, keep: np.ndarray, rows: dict[str, np.ndarray]) -> None:
-        """keep: [R'] row ids (into the flattened batch) to keep; rows: base columns [R'] on CPU."""
-        import torch
+        """keep: [R'] row ids (into the flattened batch) to keep; rows: base columns [R'] on CPU.
 
+        No GPU work here: the step's per-layer tensors are only referenced; collect() gathers many
+        steps at once (one concatenation per layer, one device-to-host copy per column).
+        """
         t0 = time.perf_counter()
         c = self._cur
         if any(x is None for x in c["experts"]):
             raise RuntimeError("a MoE layer did not run its router in this step")
-        dev = c["experts"][0].device
-        kidx = torch.as_tensor(keep, dtype=torch.long).to(dev, non_blocking=True)
         names = ["experts", "weights"] + (["logits"] if self.with_logits else [])
         names += ["hidden"] if self.hidden_kind != "none" else []
-        got = {}
-        for n in names:
-            ts = [t.to(dev, non_blocking=True) for t in c[n]]
-            got[n] = torch.stack(ts, dim=1).index_select(0, kidx)   # [R', L, *]
-        self._pending.append({"rows": rows, "dev": got})
+        self._pending.append({"rows": rows, "keep": np.asarray(keep, dtype=np.int64),
+                              "R": int(c["experts"][0].shape[0]), "dev": {n: c[n] for n in names}})
         self._reset_cur()
         self.hook_s += time.perf_counter() - t0
 
@@ -136,11 +133,16 @@ class RoutingHooks:
         if not self._pending:
             return None
         t0 = time.perf_counter()
-        out = {k: np.concatenate([p["rows"][k] for p in self._pending]) for k in self._pending[0]["rows"]}
+        pend = self._pending
+        out = {k: np.concatenate([p["rows"][k] for p in pend]) for k in pend[0]["rows"]}
+        offsets = np.cumsum([0] + [p["R"] for p in pend[:-1]])
+        keep = np.concatenate([p["keep"] + off for p, off in zip(pend, offsets)])    # [T] into all rows
         dtypes = {"experts": torch.int16, "weights": torch.float32, "logits": torch.float32,
                   "hidden": torch.float16}
-        for n in self._pending[0]["dev"]:
-            out[n] = torch.cat([p["dev"][n] for p in self._pending]).to(dtypes[n]).cpu().numpy()
+        for n in pend[0]["dev"]:
+            per_layer = [torch.cat([p["dev"][n][li] for p in pend]) for li in range(self.L)]   # L x [R, *]
+            dev_rows = torch.stack(per_layer, dim=1).to(dtypes[n])                           # [R, L, *]
+            out[n] = dev_rows.cpu().numpy()[keep]
         self._pending = []
         self.hook_s += time.perf_counter() - t0
         return out
