@@ -88,8 +88,10 @@ def test_partial_recording_is_readable_and_incomplete(tmp_path):
         w.append(r)
     w.append(_rows(rng, 4, 2))      # buffered, not flushed: lost if the process dies now
     tmp = tmp_path / "p.parquet.tmp"
-    assert sorted(os.listdir(tmp)) == ["meta.json", "part-00000.parquet", "part-00001.parquet",
-                                       "part-00002.parquet", "part-00003.parquet", "router.npy"]
+    # final.inprogress is the streamed final file: no footer (unreadable) until close()
+    assert sorted(os.listdir(tmp)) == ["final.inprogress", "meta.json", "part-00000.parquet",
+                                       "part-00001.parquet", "part-00002.parquet", "part-00003.parquet",
+                                       "router.npy"]
     for part in sorted(tmp.glob("part-*.parquet")):  # every part is a complete Parquet file with metadata
         assert pq.read_schema(part).metadata[S.KEY_COMPLETE.encode()] == b"false"
     for path in (out, tmp):  # X (missing) falls back to X.tmp; X.tmp directly
@@ -98,6 +100,7 @@ def test_partial_recording_is_readable_and_incomplete(tmp_path):
         np.testing.assert_array_equal(t.experts, _cat(rows)["experts"])
         assert t.router.shape == (L, E, H)
     w.abort()
+    assert not (tmp / "final.inprogress").exists() and read_trace(out).num_tokens == 14
     assert read_trace(out).num_tokens == 14
 
 

@@ -137,12 +137,14 @@ class RoutingHooks:
         out = {k: np.concatenate([p["rows"][k] for p in pend]) for k in pend[0]["rows"]}
         offsets = np.cumsum([0] + [p["R"] for p in pend[:-1]])
         keep = np.concatenate([p["keep"] + off for p, off in zip(pend, offsets)])    # [T] into all rows
+        every_row = keep.size == offsets[-1] + pend[-1]["R"] and bool((keep == np.arange(keep.size)).all())
         dtypes = {"experts": torch.int16, "weights": torch.float32, "logits": torch.float32,
                   "hidden": torch.float16}
         for n in pend[0]["dev"]:
             per_layer = [torch.cat([p["dev"][n][li] for p in pend]) for li in range(self.L)]   # L x [R, *]
             dev_rows = torch.stack(per_layer, dim=1).to(dtypes[n])                           # [R, L, *]
-            out[n] = dev_rows.cpu().numpy()[keep]
+            host = dev_rows.cpu().numpy()
+            out[n] = host if every_row else host[keep]                                     # no copy in decode
         self._pending = []
         self.hook_s += time.perf_counter() - t0
         return out

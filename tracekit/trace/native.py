@@ -3,7 +3,7 @@
 Writing `OUT`:
   OUT.tmp/meta.json, OUT.tmp/router.npy       written first
   OUT.tmp/part-00000.parquet, ...             one complete Parquet file per flush (temp name, then rename)
-  close(): parts are merged into OUT.tmp/final.inprogress, renamed to OUT, and OUT.tmp/ is removed.
+  close(): OUT.tmp/final.inprogress (fed part by part) gets its footer, is renamed to OUT, OUT.tmp/ is removed.
 A killed run leaves every flushed part readable through `read_partial` (Trace.complete = False).
 """
 
@@ -61,6 +61,7 @@ class TraceWriter:
         self.closed = False
         self._futures: list = []
         self._pool = None
+        self._final = None         # OUT.tmp/final.inprogress, streamed part by part (no merge at close)
         if background:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -101,6 +102,13 @@ class TraceWriter:
         final = os.path.join(self.tmp, f"part-{part:05d}.parquet")
         pq.write_table(table, final + ".inprogress", **S.write_options(self.schema))
         os.replace(final + ".inprogress", final)
+        # the same rows go into the final file, which only gets a footer (and its name) at close
+        if self._final is None:
+            # complete=true is safe here: this file only gets its footer and its name at close()
+            md = S.schema_metadata(self.header, self.meta, complete=True, router=self.router)
+            self._final = pq.ParquetWriter(os.path.join(self.tmp, "final.inprogress"),
+                                           self.schema.with_metadata(md), **S.write_options(self.schema))
+        self._final.write_table(table.replace_schema_metadata(self._final.schema.metadata))
 
     def _raise_failed(self) -> None:
         for f in [f for f in self._futures if f.done()]:
@@ -117,26 +125,22 @@ class TraceWriter:
         self.meta.update(kv)
 
     def close(self) -> str:
-        """Flush, merge the parts into OUT (complete=true), remove OUT.tmp/. Returns OUT."""
+        """Flush, finish OUT.tmp/final.inprogress (complete=true), rename it to OUT, remove OUT.tmp/."""
         if self.closed:
             return self.out
         self.flush()
         self.wait()
         self._shutdown()
-        md = S.schema_metadata(self.header, self.meta, complete=True, router=self.router)
-        schema = self.schema.with_metadata(md)
         inprog = os.path.join(self.tmp, "final.inprogress")
-        with pq.ParquetWriter(inprog, schema, **S.write_options(schema)) as w:
-            group, rows, nbytes = [], 0, 0     # merge small parts into row groups of ~flush_rows
-            for part in _parts(self.tmp):
-                t = pq.read_table(part).replace_schema_metadata(md)
-                group.append(t)
-                rows, nbytes = rows + t.num_rows, nbytes + t.nbytes
-                if rows >= self.flush_rows or nbytes >= self.flush_bytes:
-                    w.write_table(pa.concat_tables(group), row_group_size=rows)
-                    group, rows, nbytes = [], 0, 0
-            if group:
-                w.write_table(pa.concat_tables(group), row_group_size=rows)
+        if self._final is None:            # no rows at all: an empty, complete trace
+            self._final = pq.ParquetWriter(inprog, self.schema.with_metadata(
+                S.schema_metadata(self.header, self.meta, complete=True, router=self.router)),
+                **S.write_options(self.schema))
+        # meta gained fields while recording (generated text, counts): file-level key-value
+        # metadata overrides the schema's copy (see read_native)
+        self._final.add_key_value_metadata({S.KEY_META: json.dumps(self.meta, default=str)})
+        self._final.close()
+        self._final = None
         os.replace(inprog, self.out)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.closed = True
@@ -149,6 +153,10 @@ class TraceWriter:
             self.wait()
         finally:
             self._shutdown()
+            if self._final is not None:        # parts are the partial trace; the final file is not
+                self._final.close()
+                self._final = None
+                os.remove(os.path.join(self.tmp, "final.inprogress"))
             self.closed = True
 
     def _shutdown(self) -> None:
@@ -212,7 +220,9 @@ def _columns(schema: pa.Schema, load_hidden: bool) -> list[str]:
 def read_native(path: str, load_hidden: bool = True) -> Trace:
     try:
         pf = pq.ParquetFile(path)
-        md = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
+        raw = dict(pf.schema_arrow.metadata or {})
+        raw.update(pf.metadata.metadata or {})     # keys added at close (complete, meta) win
+        md = {k.decode(): v.decode() for k, v in raw.items() if k != b"ARROW:schema"}
         header = json.loads(md[S.KEY_HEADER])
         meta = json.loads(md.get(S.KEY_META, "{}"))
     except (KeyError, json.JSONDecodeError, UnicodeDecodeError):
