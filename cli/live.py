@@ -117,8 +117,9 @@ def _print_rows(rows: list, fmt: str) -> None:
     if fmt == "json":
         print(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from tracekit.replay.report import wide_console
 
     t = Table()
     cols = [("policy", "policy", "{}"), ("C", "capacity", "{}"), ("chunks", "chunks", "{}"),
@@ -135,4 +136,4 @@ def _print_rows(rows: list, fmt: str) -> None:
         t.add_column(h)
     for r in rows:
         t.add_row(*[f.format(r[k]) for _, k, f in cols])
-    Console().print(t)
+    wide_console().print(t)

@@ -19,14 +19,18 @@ def _f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 
-def render_table(rows: list[dict], profile_name: str, console=None) -> None:
+def wide_console():
+    """A rich console that does not squeeze wide tables into 80 columns when piped."""
     from rich.console import Console
+
+    con = Console()
+    return con if con.is_terminal else Console(width=200)
+
+
+def render_table(rows: list[dict], profile_name: str, console=None) -> None:
     from rich.table import Table
 
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=160)
+    console = console or wide_console()
     for trace in dict.fromkeys(r["trace"] for r in rows):
         t = Table(title=f"{trace}  (profile {profile_name})", title_justify="left")
         for col in ("policy", "C", "decode hit", "all hit", "xfer/tok", "GB/tok", "above MIN",
