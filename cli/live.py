@@ -30,7 +30,7 @@ def live(
     device: str = typer.Option("cuda", help="cuda (cpu only for tests: meaningless timings)"),
     dry_run: bool = typer.Option(False, help="bookkeeping only (no GPU): counters as live/replay count them"),
     hybrid: bool = typer.Option(False, help="each miss is copied or computed on the host CPU, as replay's cost "
-                                "model (--profile, which needs cpu_ffn_ms) decides; trace-driven only"),
+                                "model (--profile, which needs cpu_ffn_ms) decides"),
     cpu_threads: Optional[int] = typer.Option(None, help="torch threads of the CPU-miss worker (default: cores - 1)"),
 ) -> None:
     """Execute a policy's decisions with pinned experts, real copies and real FFNs; compare with replay."""
@@ -59,13 +59,16 @@ def live(
             trace, [policy], [capacity], cap, (chunk_mb,), layers, max_tokens, profile, device, dry_run,
             shapes, log=_log, hybrids=(hybrid,), cpu_threads=cpu_threads))
         return _print_rows(rows, fmt)
-    if hybrid:
-        raise UserError("--hybrid is implemented for trace-driven runs (--trace) only, not yet with --model")
+    if hybrid and cpu_threads:
+        raise UserError("--cpu-threads applies to the trace-driven CPU worker; model-driven --hybrid computes "
+                        "on the host synchronously with torch's default threads")
     res = _interruptible(lambda: session.model_run(model, policy, capacity, cap, chunk_mb, random_weights,
-                                                   prompts, layers, max_tokens, device, log=_log))
+                                                   prompts, layers, max_tokens, device, log=_log,
+                                                   hybrid=hybrid, profile=profile))
     print(json.dumps(res, indent=2) if fmt == "json" else
           f"identical={res['identical']}  resident {res['resident_tok_s']:.2f} tok/s  offloaded "
-          f"{res['offloaded_tok_s']:.2f} tok/s  hit {res['hit_rate']:.3f}")
+          f"{res['offloaded_tok_s']:.2f} tok/s  hit {res['hit_rate']:.3f}"
+          + (f"  cpu share {res['cpu_share']:.2f}" if hybrid else ""))
     if not res["identical"]:
         raise UserError("offloaded greedy output differs from the resident model")
 

@@ -143,6 +143,18 @@ def test_cli_dry_run_hybrid_json(capsys):
     assert np.isfinite(r["pred_tok_s"])
 
 
-def test_cli_hybrid_model_refused(capsys):
-    code, cap = _cli(["live", "--model", "tiny-mixtral", "--hybrid", "--device", "cpu"], capsys)
-    assert code != 0 and "trace-driven" in cap.err
+def test_cli_hybrid_model_cpu_threads_refused(capsys):
+    # model-driven --hybrid exists (tests/test_hybrid_model.py); its host compute has no worker thread
+    code, cap = _cli(["live", "--model", "tiny-mixtral", "--hybrid", "--cpu-threads", "2", "--device", "cpu"],
+                     capsys)
+    assert code != 0 and "--cpu-threads" in cap.err and len(cap.err.strip().splitlines()) == 1
+
+
+def test_cli_hybrid_model_runs(capsys):
+    from tracekit.cli.app import main
+
+    main(["live", "--model", "tiny-mixtral", "--hybrid", "--device", "cpu", "--max-tokens", "4",
+          "--format", "json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["identical"] is True and r["hybrid"] is True
+    assert r["counters"]["cpu_misses"] == 0          # h100-pcie5: a tiny expert copies faster than the CPU computes

@@ -8,6 +8,17 @@ expert's weighted output is kept and index_add_-ed in ascending expert order, as
 greedy output is identical to the model run with experts_implementation="eager".
 The routing must reach the host to decide copies: one device->host copy of top_k_index per layer
 (inherent to model-driven offloading; the trace-driven executor has none).
+
+Hybrid (`hybrid=profile`): each miss goes through the compiled `serve_hybrid`, fed by cpu_worker's
+HybridClock (replay's cost-model timeline advanced in replay's order), so the choices equal a hybrid
+replay of the requests served. A CPU action (kind CPU) is computed on the host and NOT inserted in
+the GPU cache. The host computation is SYNCHRONOUS, in the main thread (no worker thread): the layer's
+hidden states go device->host once (right after the routing sync, so no extra wait), the layer's
+copies are issued, then the CPU experts run on the host store's weights with the same eager math
+(gate_up / act_fn / down), their outputs go back to the device, are weighted there and index_add_-ed
+in ascending expert order with the GPU experts' outputs. Copies run on the copy stream meanwhile.
+Token-identity is tested on CPU only (where both paths are the same dtype and kernels); on a GPU the
+host bf16 result may differ in the last bits from the device one.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from tracekit.policies.base import NEVER
 from tracekit.replay import controller as ctlmod
 
 NAME = "tracekit_offload"
-HIT, PREFETCH = ctlmod.HIT, ctlmod.PREFETCH
+HIT, PREFETCH, CPU = ctlmod.HIT, ctlmod.PREFETCH, ctlmod.CPU
 
 
 def experts_modules(model) -> list:
@@ -51,7 +62,10 @@ def register() -> None:
 
 class OffloadRunner:
     def __init__(self, model, spec, capacity: int, cap: int = 2, chunk_mb: float = 16.0,
-                 params: dict | None = None, decode_tokens: int = 1):
+                 params: dict | None = None, decode_tokens: int = 1, hybrid=None,
+                 expert_bytes: float | None = None):
+        """hybrid: None (transfer only) or a replay Profile (needs cpu_ffn_ms) deciding CPU vs copy;
+        expert_bytes: what the cost model charges per copy (default: this model's expert bytes)."""
         import torch
 
         if spec.kind == "oracle":
@@ -97,6 +111,21 @@ class OffloadRunner:
         self.spec = spec
         self.serve, self.after, self.finish = ctlmod.build(spec)
         self.ctl = ctlmod.new_controller(self.L, self.E, capacity, cap)
+        self.expert_bytes = float(expert_bytes or numel * self.slots.element_size())
+        self.clock = None
+        if hybrid is not None:
+            from types import SimpleNamespace
+
+            from tracekit.live.cpu_worker import HybridClock
+
+            try:
+                self.clock = HybridClock(spec, SimpleNamespace(L=self.L, E=self.E), capacity, hybrid,
+                                         self.expert_bytes, self.ctl)
+            except BaseException:
+                self.store.free()
+                raise
+            self.ctl = self.clock.ctl
+        self.cpu_jobs = 0
         self.act = np.zeros((4 * self.K * 64 + 1024, 5), dtype=np.int64)
         self.decode_tokens = decode_tokens
         self.step, self.now = -1, 0
@@ -121,14 +150,22 @@ class OffloadRunner:
         pos = self.step * self.L + l
         self.log.append((self.step, l, idx, dec))
         req_next = np.full(req_e.shape[0], NEVER, dtype=np.int64)
-        m = self.serve(self.ctl, self.st, pos, l, req_e, self.now, req_next, dec, self.act)
+        if self.clock is None:
+            m = self.serve(self.ctl, self.st, pos, l, req_e, self.now, req_next, dec, self.act)
+        else:
+            req_ntok = np.bincount(flat, minlength=self.E)[req_e].astype(np.int32)
+            m = self.clock.serve(self.st, pos, l, req_e, self.now, req_next, dec, self.act, req_ntok, n)
         self.now += req_e.shape[0]
         rows = self.act[:m].tolist()
         cp = self.cp
+        cpu_rows = [r for r in rows if r[0] == CPU]
+        hs_host = hidden_states.detach().to("cpu") if cpu_rows else None   # routing already synced
         route = cp.mark("route")
         last_user, deferred = {}, {}
         for i, r in enumerate(rows):
             kind, ll, sl = r[0], r[1], r[3]
+            if kind == CPU:
+                continue
             if kind != HIT:
                 if ll == l and sl in last_user:
                     deferred.setdefault(last_user[sl], []).append(r)
@@ -139,9 +176,14 @@ class OffloadRunner:
         with torch.no_grad():
             expert_mask = Fn.one_hot(top_k_index, num_classes=self.E + 1).permute(2, 1, 0)
             outs = {}
+            for r in cpu_rows:                                         # host experts, copies in flight
+                e = r[2]
+                top_k_pos, token_idx, cur = self._host_expert(mod, l, e, idx, hs_host, hidden_states.device)
+                outs[e] = (token_idx, cur * top_k_weights[token_idx, top_k_pos, None])
+            self.cpu_jobs += len(cpu_rows)
             for i, r in enumerate(rows):
                 kind, e, sl = r[0], r[2], r[3]
-                if kind == PREFETCH:
+                if kind == PREFETCH or kind == CPU:
                     continue
                 if cp.pending[l][sl]:
                     cp.wait_chunk(l, sl, len(self.bounds) - 2)         # whole expert: its last chunk
@@ -163,9 +205,26 @@ class OffloadRunner:
         lend = cp.mark("lend")
         hid = np.zeros((n, 0), dtype=np.float32)
         m = self.after(self.ctl, self.st, pos, l, idx, hid, dec, self.spec.prefetches and dec, self.act)
+        if self.clock is not None:
+            self.clock.after_copies(self.act, m)
         for r in self.act[:m].tolist():
             self._copy(r, lend)
         return final
+
+    def _host_expert(self, mod, l, e, idx, hs_host, dev):
+        """Expert e of layer l on the host, from the store's weights. -> (top_k_pos, token_idx, unweighted
+        output), all on dev; tokens in torch.where(expert_mask[e]) order (rank-major), as the GPU path."""
+        import torch
+        import torch.nn.functional as Fn
+
+        top_k_pos, token_idx = np.nonzero(idx.T == e)
+        w = self.store.layers[l][e]
+        gu = w[: self.shape_gu[0] * self.shape_gu[1]].view(self.shape_gu)
+        dn = w[self.shape_gu[0] * self.shape_gu[1]:].view(self.shape_dn)
+        tok_h = torch.from_numpy(token_idx.astype(np.int64))
+        gate, up = Fn.linear(hs_host[tok_h], gu).chunk(2, dim=-1)
+        cur = Fn.linear(mod.act_fn(gate) * up, dn)
+        return torch.from_numpy(top_k_pos.astype(np.int64)).to(dev), tok_h.to(dev), cur.to(dev)
 
     def _copy(self, r, after) -> None:
         ll, e, sl = r[1], r[2], r[3]

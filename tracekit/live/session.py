@@ -112,8 +112,10 @@ def _one(ex, spec, plan, tr, C, cap, p, shapes, hy, trace_path, log) -> dict:
 
 def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: float = 16.0,
               random_weights: bool = False, prompts: str | None = None, layers: int | None = None,
-              max_tokens: int = 32, device: str = "cuda", n_prompts: int = 2, log=print) -> dict:
-    """Greedy generation without and with offloading; tokens must be identical."""
+              max_tokens: int = 32, device: str = "cuda", n_prompts: int = 2, log=print,
+              hybrid: bool = False, profile: str = "h100-pcie5") -> dict:
+    """Greedy generation without and with offloading; tokens must be identical. hybrid: each miss is
+    copied or computed on the host, as replay's cost model with `profile` (needs cpu_ffn_ms) decides."""
     import torch
 
     from tracekit import policies as P
@@ -143,7 +145,8 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
     set_impl(ld.model, "eager")
     gen(ld.model, ld.tokenizer) if device.startswith("cuda") else None       # warm-up
     ref, ref_tps = gen(ld.model, ld.tokenizer)
-    runner = OffloadRunner(ld.model, P.get(policy), capacity, cap, chunk_mb)
+    prof = load_with_extras(profile)[0] if hybrid else None
+    runner = OffloadRunner(ld.model, P.get(policy), capacity, cap, chunk_mb, hybrid=prof)
     try:
         gen(ld.model, ld.tokenizer) if device.startswith("cuda") else None
         off, off_tps = gen(ld.model, ld.tokenizer)
@@ -155,7 +158,8 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
            "cap": cap, "prompts": len(texts), "new_tokens": max_tokens, "identical": ref == off,
            "resident_tok_s": ref_tps, "offloaded_tok_s": off_tps, "hit_rate":
            counters["hits"] / max(1, counters["requests"]), "counters": counters,
-           "bytes_per_expert": info.get("bytes_per_expert")}
+           "bytes_per_expert": info.get("bytes_per_expert"), "hybrid": hybrid,
+           "cpu_share": counters["cpu_misses"] / max(1, counters["cpu_misses"] + counters["demand_transfers"])}
     log(f"model {model} ({res['layers']} layers) {policy} C={capacity}: identical={res['identical']}, "
         f"resident {ref_tps:.2f} tok/s, offloaded {off_tps:.2f} tok/s")
     return res
