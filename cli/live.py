@@ -27,6 +27,7 @@ def live(
     prompts: Optional[str] = typer.Option(None, help="prompts file (text lines or jsonl) for --model"),
     calibrate: bool = typer.Option(False, help="measure this GPU and write a hardware profile (--out)"),
     out: Optional[str] = typer.Option(None, help="profile path for --calibrate"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing --out profile"),
     device: str = typer.Option("cuda", help="cuda (cpu only for tests: meaningless timings)"),
     dry_run: bool = typer.Option(False, help="bookkeeping only (no GPU): counters as live/replay count them"),
     hybrid: bool = typer.Option(False, help="each miss is copied or computed on the host CPU, as replay's cost "
@@ -42,7 +43,7 @@ def live(
 
     P.get(policy)
     if calibrate:
-        return _calibrate(out)
+        return _calibrate(out, force)
     if not trace and not model:
         raise UserError("give --trace T (trace-driven), --model M (model-driven) or --calibrate --out FILE")
     if not dry_run and device.startswith("cuda"):
@@ -101,9 +102,13 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _calibrate(out: Optional[str]) -> None:
+def _calibrate(out: Optional[str], force: bool = False) -> None:
     if not out:
         raise UserError("--calibrate needs --out profile.json")
+    import os as _os
+
+    if _os.path.exists(out) and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
     from tracekit.live.calibrate import calibrate, write
     from tracekit.live.session import need_cuda
 

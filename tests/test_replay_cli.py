@@ -143,3 +143,11 @@ def test_cost_breakdown_adds_up():
     assert r.decode_stall_s == pytest.approx(T * 1e-3)
     assert r.decode_compute_s == pytest.approx(T * 3e-3)
     assert r.bytes == pytest.approx(T * 1e6)
+
+
+def test_calibrate_never_overwrites_a_profile(tmp_path):
+    prof = tmp_path / "gpu.json"
+    prof.write_text('{"keep": true}')
+    r = run_cli("live", "--calibrate", "--out", prof)
+    assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert prof.read_text() == '{"keep": true}'

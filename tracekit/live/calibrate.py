@@ -15,6 +15,7 @@ The JSON has the fields of tracekit/replay/profiles/h100-pcie5.json (extra keys 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
@@ -159,6 +160,8 @@ def calibrate(shapes: Shapes = MIXTRAL, batch: tuple = (1, 2, 4, 8, 16, 32, 64, 
 
 
 def write(profile: dict, path: str) -> None:
-    with open(path, "w") as f:
+    tmp = path + ".partial"              # never leave a half-written profile behind
+    with open(tmp, "w") as f:
         json.dump(profile, f, indent=2)
         f.write("\n")
+    os.replace(tmp, path)
