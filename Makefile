@@ -24,7 +24,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_replay.py --out docs/benchmarks.md
-	$(BIN)/python bench/replay_results.py --out docs/results.md
+	$(BIN)/tracekit record --model tiny-mixtral --max-new-tokens 48 --batch-size 4 --hidden full \
+		--out traces/demo-tiny-mixtral.parquet --force --no-progress
+	$(BIN)/python bench/replay_results.py --out docs/results.md --extra traces/demo-tiny-mixtral.parquet
 
 lint: $(STAMP)
 	$(BIN)/ruff check tracekit cli tests bench
