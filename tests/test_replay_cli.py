@@ -152,3 +152,18 @@ def test_calibrate_never_overwrites_a_profile(tmp_path):
     # refused for the existing file before anything is measured (also on a GPU machine)
     assert r.returncode != 0 and r.stderr.startswith("error:") and "exists" in r.stderr
     assert prof.read_text() == '{"keep": true}'
+
+
+def test_token_steps_make_every_token_a_decode_step():
+    from tracekit import policies
+    from tracekit.replay.cost import load_profile
+    from tracekit.replay.engine import replay_one
+    from tracekit.replay.plan import build_plan
+    from tracekit.trace.synthetic import synthetic_trace
+
+    tr = synthetic_trace(tokens=40, layers=2, experts=4, top_k=2, prefill=40, seed=3)   # all prefill
+    assert tr.num_steps == 1 and (tr.phase == 0).all()
+    tt = tr.with_token_steps()
+    assert tt.num_steps == 40 and (tt.phase == 1).all()
+    r = replay_one(policies.get("lru"), build_plan(tt), 2, load_profile("h100-pcie5"))
+    assert r.decode_tokens == 40 and r.counters["decode_requests"] == r.counters["requests"] == 40 * 2 * 2

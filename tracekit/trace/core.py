@@ -51,7 +51,12 @@ class Trace:
         return int(v) if v else None
 
     def with_token_steps(self) -> "Trace":
-        """Every token becomes its own step (for teacher-forced traces: `--steps tokens`)."""
+        """`--steps tokens`: every token becomes its own decode-like step, in (seq_id, position)
+        order. For teacher-forced traces, which have no decode phase, so that per-token metrics,
+        tokens/s and predictions (made on decode steps) apply to every token."""
         import dataclasses
 
-        return dataclasses.replace(self, step=np.arange(self.num_tokens, dtype=np.int32))
+        order = np.lexsort((self.position, self.seq_id, self.step))
+        step = np.empty(self.num_tokens, dtype=np.int32)
+        step[order] = np.arange(self.num_tokens, dtype=np.int32)
+        return dataclasses.replace(self, step=step, phase=np.full(self.num_tokens, 1, dtype=np.int8))
