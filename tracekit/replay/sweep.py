@@ -60,7 +60,8 @@ def load_plans(paths: list[str], token_steps: bool) -> dict[str, tuple[Plan, Tra
         t = read_trace(p)
         if token_steps:
             t = t.with_token_steps()
-        out[os.path.basename(p)] = (build_plan(t), t)
+        name = os.path.basename(p)
+        out[p if name in out else name] = (build_plan(t), t)     # same file name twice: full paths
     return out
 
 
