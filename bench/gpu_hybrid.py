@@ -22,8 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRACES = ["mixtral8x7b_humaneval_2probs_decode.parquet", "mixtral8x7b_humaneval0_prefill_decode.parquet"]
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
+from gpu_live import device_card, log  # noqa: E402  (same folder: the script's own sys.path entry)
 
 
 def markdown(rows, card, prof) -> str:
@@ -68,8 +67,7 @@ def main() -> None:
     from tracekit.live.session import trace_sweep
 
     os.makedirs(a.out, exist_ok=True)
-    name = torch.cuda.get_device_name(0)
-    card = "h200" if "H200" in name else "h100" if "H100" in name else "gpu"
+    name, card = device_card()
     log(f"device: {name}, torch {torch.__version__}, {os.cpu_count()} CPUs")
     t0 = time.perf_counter()
     if a.profile:

@@ -22,6 +22,14 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def device_card() -> tuple[str, str]:
+    """(GPU name, short card tag for profile names: h100 | h200 | gpu)."""
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    return name, "h200" if "H200" in name else "h100" if "H100" in name else "gpu"
+
+
 def best_policy(trace_path, layers, max_tokens, profile, C=2) -> str:
     from tracekit import policies as P
     from tracekit.live.compare import predict
@@ -88,8 +96,7 @@ def main() -> None:
     from tracekit.live.session import model_run, trace_sweep
 
     os.makedirs(a.out, exist_ok=True)
-    name = torch.cuda.get_device_name(0)
-    card = "h200" if "H200" in name else "h100" if "H100" in name else "gpu"
+    name, card = device_card()
     log(f"device: {name}, torch {torch.__version__}")
     t0 = time.perf_counter()
     if a.profile:
