@@ -7,7 +7,8 @@ residency, slots and the prefetch queue, and calls the policy at these points:
   on_access(st, l, e, hit, now, nxt)   a request for expert e at layer l (after insertion on a miss)
   on_insert(st, l, e, now)             e became resident at layer l (demand or prefetch)
   on_evict(st, l, e)                   e left layer l's cache
-  victim(st, l, cand) -> e             pick an expert to evict among cand[e] == 1   (cand: int8[E])
+  victim(st, l, cand, n) -> e          pick an expert to evict among cand[:n] (int64 expert ids, in slot
+                                       order; ties must go to the LOWEST expert id)
   observe(st, l, ex, hid)              a token finished layer l with experts ex (int16[K]) and hidden hid (float32[D] or [0])
   predict(st, l, ex, hid, out) -> n    write n rows (dstep, layer, expert) into out (int64[M, 3]):
                                        "expert will be needed at layer `layer` of step+dstep" (dstep 0 or 1)
@@ -69,21 +70,25 @@ class PolicySpec:
 
 # ---- shared building blocks (numba) -------------------------------------------------------
 
-@njit(cache=True)
-def argmin_masked(score, cand):
-    # score: float64[E] or int64[E]; cand: int8[E] -> first index of the minimum among cand
-    best = -1
-    for e in range(cand.shape[0]):
-        if cand[e] and (best < 0 or score[e] < score[best]):
+@njit(cache=True, inline="always")
+def argmin_cand(score, cand, n):
+    # score: float64[E] or int64[E]; cand[:n]: expert ids -> the one with the lowest score
+    # (ties: lowest id)
+    best = cand[0]
+    for i in range(1, n):
+        e = cand[i]
+        if score[e] < score[best] or (score[e] == score[best] and e < best):
             best = e
     return best
 
 
-@njit(cache=True)
-def argmax_masked(score, cand):
-    best = -1
-    for e in range(cand.shape[0]):
-        if cand[e] and (best < 0 or score[e] > score[best]):
+@njit(cache=True, inline="always")
+def argmax_cand(score, cand, n):
+    # as argmin_cand, for the highest score (ties: lowest id)
+    best = cand[0]
+    for i in range(1, n):
+        e = cand[i]
+        if score[e] > score[best] or (score[e] == score[best] and e < best):
             best = e
     return best
 
@@ -113,7 +118,7 @@ def no_predict(st, l, ex, hid, out):
     return 0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def top_valid_into(score, ok, n, dstep, layer, out):
     # the n best scores among ok[e] == 1 (any sign; ties: lower id) -> rows (dstep, layer, e) of out.
     # score: float64[E]; ok: int8[E] scratch, consumed. Returns the row count.
@@ -147,5 +152,5 @@ def lru_insert(st, l, e, now):
 
 
 @njit(cache=True)
-def lru_victim(st, l, cand):
-    return argmin_masked(st[0][l], cand)
+def lru_victim(st, l, cand, n):
+    return argmin_cand(st[0][l], cand, n)

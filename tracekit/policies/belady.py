@@ -6,7 +6,7 @@ from numba import njit
 from tracekit.policies import register
 from tracekit.policies.base import (
     PolicySpec,
-    argmax_masked,
+    argmax_cand,
     no_predict,
     noop_evict,
     noop_insert,
@@ -24,8 +24,8 @@ def on_access(st, l, e, hit, now, nxt):
 
 
 @njit(cache=True)
-def victim(st, l, cand):
-    return argmax_masked(st[0][l], cand)   # farthest next use; ties -> lowest expert id
+def victim(st, l, cand, n):
+    return argmax_cand(st[0][l], cand, n)   # farthest next use; ties -> lowest expert id
 
 
 register(PolicySpec("belady", "oracle", "oracle bound: evict the expert whose next request is farthest",

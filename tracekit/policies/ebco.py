@@ -64,19 +64,19 @@ def observe(st, l, ex, hid):
 
 
 @njit(cache=True)
-def victim(st, l, cand):
+def victim(st, l, cand, n):
     W, last, cur, lru = st[0], st[1], st[2], st[4]
-    E = cand.shape[0]
+    E = last.shape[1]
     best = -1
     best_s = 0
-    for c in range(E):
-        if not cand[c]:
-            continue
+    for i in range(n):
+        c = cand[i]
         s = 0
         for a in range(E):
             if a != c and (last[l, a] or cur[l, a]):
                 s += W[l, c, a]
-        if best < 0 or s < best_s or (s == best_s and lru[l, c] < lru[l, best]):
+        if best < 0 or s < best_s or (s == best_s and (lru[l, c] < lru[l, best]
+                                                       or (lru[l, c] == lru[l, best] and c < best))):
             best = c
             best_s = s
     return best

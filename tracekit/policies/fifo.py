@@ -6,7 +6,7 @@ from numba import njit
 from tracekit.policies import register
 from tracekit.policies.base import (
     PolicySpec,
-    argmin_masked,
+    argmin_cand,
     no_predict,
     noop_access,
     noop_evict,
@@ -26,8 +26,8 @@ def on_insert(st, l, e, now):
 
 
 @njit(cache=True)
-def victim(st, l, cand):
-    return argmin_masked(st[0][l], cand)   # oldest insertion (numbers are unique)
+def victim(st, l, cand, n):
+    return argmin_cand(st[0][l], cand, n)   # oldest insertion (numbers are unique)
 
 
 register(PolicySpec("fifo", "demand", "evict the expert inserted earliest", make_state,

@@ -32,12 +32,12 @@ def on_insert(st, l, e, now):
 
 
 @njit(cache=True)
-def victim(st, l, cand):
+def victim(st, l, cand, n):
     freq, ins = st[0][l], st[1][l]
-    best = -1
-    for e in range(cand.shape[0]):
-        if cand[e] and (best < 0 or freq[e] < freq[best]
-                        or (freq[e] == freq[best] and ins[e] < ins[best])):
+    best = cand[0]
+    for i in range(1, n):
+        e = cand[i]
+        if freq[e] < freq[best] or (freq[e] == freq[best] and ins[e] < ins[best]):
             best = e
     return best
 

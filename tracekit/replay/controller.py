@@ -52,7 +52,7 @@ def new_controller(L: int, E: int, C: int, cap: int, pred_rows: int = 256):
         np.zeros((qsize, 3), dtype=np.int64),     # 6 queue ring (layer, expert, target)
         qstate,                                   # 7 head, tail, inflight, cap, clock
         np.zeros(N_COUNTERS, dtype=np.int64),     # 8 counters
-        np.zeros(E, dtype=np.int8),               # 9 candidate scratch
+        np.zeros(E, dtype=np.int64),              # 9 candidate scratch (expert ids)
         np.zeros((pred_rows, 3), dtype=np.int64),  # 10 prediction scratch
         np.array([0.0, 0.0, 0.0, 0.0, 1.0, 1.0]),  # 11 hybrid: engine_free, cpu_free, copy_s, act_s,
                                                    #    contention on copies, contention on CPU
@@ -75,6 +75,11 @@ def set_hybrid(ctl, profile, expert_bytes=None):
     hy[4] = profile.contention_copy
     hy[5] = profile.contention_cpu
     return ctl[:12] + (tok, sec)
+
+
+def action_rows(ctl) -> np.ndarray:
+    """Scratch for the action rows one serve/after call can emit: int64[rows, 5]."""
+    return np.zeros((2 * ctl[0].shape[1] + 2 * ctl[6].shape[0] + 8, 5), dtype=np.int64)
 
 
 def counters_dict(ctl) -> dict:

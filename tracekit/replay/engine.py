@@ -58,7 +58,8 @@ def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *,
     run = compile_engine(spec)
     total, dec_s, dec_tok, dec_stall, dec_comp = run(
         ctl, st, tl, sc, ffn_tok, ffn_s, plan.tok_ptr, plan.decode, plan.tok_ex, plan.hid, plan.req_ptr,
-        plan.req_e, plan.req_ntok, plan.req_next, spec.prefetches, spec.observes, hybrid, cpu_tok, cpu_s)
+        plan.req_e, plan.req_ntok, plan.req_next, spec.prefetches, spec.observes, hybrid, cpu_tok, cpu_s,
+        ctlmod.action_rows(ctl))
     acc = tl[2]
     return ReplayResult(ctlmod.counters_dict(ctl), float(total), float(dec_s), int(dec_tok),
                         float(acc[A_STALL]), float(acc[A_COMPUTE]), float(acc[A_COPY]), float(acc[A_BYTES]),

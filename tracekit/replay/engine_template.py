@@ -39,7 +39,7 @@ from tracekit.replay.cost import attn_time, enqueue_copies, interp, layer_time
 # {POLICY_BINDINGS}
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _evict(ctl, st, l, v):
     resident, slot_of, slot_owner, nres, pf, want = ctl[0], ctl[1], ctl[2], ctl[3], ctl[4], ctl[5]
     cnt, q = ctl[8], ctl[7]
@@ -57,30 +57,32 @@ def _evict(ctl, st, l, v):
     cnt[C_EVICT] += 1
     return s
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _take_slot(ctl, st, l, demand):
     # A free slot, or evict the policy's victim. Returns (slot, victim or -1); slot -1: none free.
-    resident, slot_owner, nres, want, cand = ctl[0], ctl[2], ctl[3], ctl[5], ctl[9]
+    # Candidates: resident experts not predicted (want < 0); a demand miss falls back to all.
+    slot_owner, nres, want, cand = ctl[2], ctl[3], ctl[5], ctl[9]
     C = slot_owner.shape[1]
     if nres[l] < C:
         for s in range(C):
             if slot_owner[l, s] < 0:
                 return s, -1
-    E = resident.shape[1]
-    any_c = False
-    for e in range(E):
-        c = resident[l, e] == 1 and want[l, e] < 0
-        cand[e] = 1 if c else 0
-        any_c = any_c or c
-    if not any_c:
+    n = 0
+    for s in range(C):
+        e = slot_owner[l, s]
+        if want[l, e] < 0:
+            cand[n] = e
+            n += 1
+    if n == 0:
         if not demand:
             return -1, -1
-        for e in range(E):
-            cand[e] = resident[l, e]
-    v = victim(st, l, cand)
+        for s in range(C):
+            cand[s] = slot_owner[l, s]
+        n = C
+    v = victim(st, l, cand, n)
     return _evict(ctl, st, l, v), v
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _emit(act, n, kind, l, e, s, i):
     act[n, 0] = kind
     act[n, 1] = l
@@ -89,7 +91,7 @@ def _emit(act, n, kind, l, e, s, i):
     act[n, 4] = i
     return n + 1
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _issue(ctl, st, pos, decode, act, n):
     resident, slot_of, slot_owner, nres, pf, want, queue, q, cnt = ctl[:9]
     while q[Q_INFLIGHT] < q[Q_CAP] and q[Q_HEAD] != q[Q_TAIL]:
@@ -125,7 +127,7 @@ def _issue(ctl, st, pos, decode, act, n):
         n = _emit(act, n, PREFETCH, l, e, s, -1)
     return n
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _serve(ctl, st, pos, l, req_e, now0, req_next, decode, act, hybrid, req_ntok, t_route):
     resident, slot_of, slot_owner, nres, pf, want, queue, q, cnt = ctl[:9]
     n = 0
@@ -182,7 +184,7 @@ def _serve(ctl, st, pos, l, req_e, now0, req_next, decode, act, hybrid, req_ntok
     return _issue(ctl, st, pos, decode, act, n)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _cpu_wins(hy, cpu_tok, cpu_s, ntok, t_route):
     # Hybrid miss: compute on the host CPU if that finishes before a copy would (expected times).
     # hy = [engine_free, cpu_free, copy_s, act_s, cont_copy, cont_cpu]; both estimates advance.
@@ -196,12 +198,12 @@ def _cpu_wins(hy, cpu_tok, cpu_s, ntok, t_route):
     return False
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def serve(ctl, st, pos, l, req_e, now0, req_next, decode, act):
     return _serve(ctl, st, pos, l, req_e, now0, req_next, decode, act, False, req_next, 0.0)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def serve_hybrid(ctl, st, pos, l, req_e, now0, req_next, decode, act, req_ntok, t_route, engine_free,
                  cpu_free):
     # serve, but each miss goes to the CPU or the copy engine, whichever the cost model says
@@ -212,7 +214,7 @@ def serve_hybrid(ctl, st, pos, l, req_e, now0, req_next, decode, act, req_ntok, 
     return _serve(ctl, st, pos, l, req_e, now0, req_next, decode, act, True, req_ntok, t_route)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def after(ctl, st, pos, l, tok_ex, hid, decode, predict_on, act):
     # tok_ex: int16[B, K] experts of the step's tokens at layer l; hid: float32[B, D] (D may be 0)
     resident, pf, want, queue, q, cnt, pred = ctl[0], ctl[4], ctl[5], ctl[6], ctl[7], ctl[8], ctl[10]
@@ -250,7 +252,7 @@ def after(ctl, st, pos, l, tok_ex, hid, decode, predict_on, act):
                 want[tl, te] = t
     return _issue(ctl, st, pos, decode, act, 0)
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def finish(ctl):
     # predictions still in flight at the end of the trace were never used
     pf, q, cnt = ctl[4], ctl[7], ctl[8]
@@ -263,16 +265,14 @@ def finish(ctl):
 
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def run(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, req_e, req_ntok,
-        req_next, predict_on, observe_on, hybrid, cpu_tok, cpu_s):
+        req_next, predict_on, observe_on, hybrid, cpu_tok, cpu_s, act):
     # Walk every (step, layer): attention -> controller.serve -> cost of the layer ->
-    # controller.after -> prefetch copies.
+    # controller.after -> prefetch copies. act: int64[action_rows(ctl), 5] scratch.
     # Returns (total_s, decode_s, decode_tokens, decode_stall_s, decode_compute_s).
     S = decode.shape[0]
     L = tok_ex.shape[1]
-    E = ctl[0].shape[1]
-    act = np.zeros((2 * E + 2 * ctl[6].shape[0] + 8, 5), dtype=np.int64)
     acc = tl[2]
     cursor = 0.0
     dec_time = 0.0

@@ -34,7 +34,9 @@ def cache_dir() -> Path:
 def _binding_source(spec: PolicySpec) -> str:
     names = ("on_access", "on_insert", "on_evict", "victim", "observe", "predict")
     lines = ["from tracekit.policies import get as _get", f"_spec = _get({spec.name!r})"]
-    lines += [f"{n} = _spec.{n}" for n in names]
+    # re-jitted without reference counting and inlined into the controller (numba's NRT
+    # increfs/decrefs of array views otherwise dominate the per-request cost)
+    lines += [f"{n} = njit(_nrt=False, inline='always')(_spec.{n}.py_func)" for n in names]
     return "\n".join(lines)
 
 
