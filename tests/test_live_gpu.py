@@ -65,6 +65,26 @@ def test_model_driven_tiny_identical(torch):
         assert r["identical"], r
 
 
+def test_model_driven_hybrid_tiny_identical(torch, tmp_path):
+    # model-driven --hybrid on the GPU: misses computed on the host CPU (tiny experts, so a profile where
+    # the CPU is cheap) and copies both happen, and greedy tokens stay identical to the plain model
+    import json
+
+    from tracekit.live.session import model_run
+
+    prof = json.load(open(os.path.join(os.path.dirname(__file__), "..", "tracekit", "replay", "profiles",
+                                       "h100-pcie5.json")))
+    prof.update(name="cheap-cpu", cpu_ffn_ms={"1": 0.002}, act_copy_us=0.5)
+    path = tmp_path / "cheap_cpu.json"
+    path.write_text(json.dumps(prof))
+    for pol in ("lru", "markov"):
+        r = model_run("tiny-mixtral", pol, 2, 2, 4.0, random_weights=True, max_tokens=12, device="cuda",
+                      n_prompts=2, log=lambda m: None, hybrid=True, profile=str(path))
+        c = r["counters"]
+        assert r["identical"], r
+        assert c["cpu_misses"] > 0 and c["demand_transfers"] > 0, c
+
+
 def test_cpu_worker_expert_equals_gpu_expert(torch):
     # the same expert (live layout, bf16) computed by the CPU worker on pinned host memory and by the
     # GPU path: equal within bf16 tolerance; the result comes back through the worker's D2H/H2D path
