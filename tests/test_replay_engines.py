@@ -1,0 +1,79 @@
+"""The demand-only replay loop (run_demand) equals the full controller loop (run) exactly.
+
+replay_one picks run_demand for every policy that never prefetches (demand and oracle kinds) when
+--hybrid is off; the live executor always drives the controller. Both must give the same counters
+and the same cost-model times, on random traces (prefill and decode steps, missing ranks, several
+FFN table points, chunked copies) and on a shared Mixtral trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tracekit import policies
+from tracekit.replay.cost import load_profile
+from tracekit.replay.engine import replay_one
+from tracekit.replay.plan import build_plan
+from tracekit.trace import read_trace
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_policies import make_trace  # noqa: E402
+
+DEMAND = [n for n in policies.names() if not policies.get(n).prefetches]
+BASE = load_profile("h100-pcie5")
+PROFILES = [BASE, dataclasses.replace(BASE, chunks=4, ffn_ms={"1": 0.14, "4": 0.2, "64": 1.5},
+                                      attn_ms_per_token=0.01)]
+TRACE = Path(os.environ.get("TRACEKIT_TRACES", Path(__file__).parents[2] / "shared" / "traces")) / \
+    "mixtral8x7b_humaneval0_prefill_decode.parquet"
+
+
+def both(spec, plan, C, prof):
+    a = replay_one(spec, plan, C, prof, engine="controller")
+    b = replay_one(spec, plan, C, prof, engine="demand")
+    return a, b
+
+
+def assert_same(a, b):
+    assert a.counters == b.counters
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, float):
+            assert y == pytest.approx(x, rel=1e-12, abs=1e-15), f.name
+        else:
+            assert x == y, f.name
+
+
+def test_demand_engine_is_used_only_where_it_applies():
+    assert {"lru", "fifo", "lfu", "belady", "ebco"} <= set(DEMAND)
+    assert "markov" not in DEMAND
+    tr = make_trace(2, 4, 2, [(False, 3), (True, 2)], 0, "none", False)
+    with pytest.raises(ValueError):
+        replay_one(policies.get("markov"), build_plan(tr), 2, BASE, engine="demand")
+
+
+@pytest.mark.parametrize("name", DEMAND)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(L=st.integers(1, 3), E=st.integers(2, 8), K=st.integers(1, 3), seed=st.integers(0, 2**32 - 1),
+       steps=st.lists(st.tuples(st.sampled_from([True, True, False]), st.integers(1, 4)), min_size=1, max_size=20),
+       C=st.integers(1, 8), prof=st.sampled_from(PROFILES))
+def test_demand_engine_equals_controller(name, L, E, K, seed, steps, C, prof):
+    K, C = min(K, E), min(C, E)
+    plan = build_plan(make_trace(L, E, K, steps, seed, "none", False))
+    assert_same(*both(policies.get(name), plan, C, prof))
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason="shared traces not found")
+@pytest.mark.parametrize("name", DEMAND)
+def test_demand_engine_equals_controller_on_mixtral_trace(name):
+    plan = build_plan(read_trace(str(TRACE)))
+    for C in (1, 2, 4):
+        a, b = both(policies.get(name), plan, C, BASE)
+        assert a.counters["transfers"] > 0
+        assert_same(a, b)
