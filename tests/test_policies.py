@@ -119,7 +119,7 @@ def step_numba(spec, plan, C, cap, ctx):
             a, b = plan.req_ptr[pos], plan.req_ptr[pos + 1]
             serve(ctl, st_, pos, l, plan.req_e[a:b], a, plan.req_next[a:b], dec, act)
             check_ctl(ctl, C, cap)
-            after(ctl, st_, pos, l, plan.tok_ex[t0:t1, l], plan.hid[t0:t1, l], dec, spec.prefetches and dec, act)
+            after(ctl, st_, pos, l, plan.tok_ex, plan.hid, t0, t1, l, dec, spec.prefetches and dec, act)
             check_ctl(ctl, C, cap)
     finish(ctl)
     assert ctl[7][ctlmod.Q_INFLIGHT] == 0

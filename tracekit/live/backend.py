@@ -203,8 +203,9 @@ class OffloadRunner:
                 token_idx, cur = outs[e]
                 final.index_add_(0, token_idx, cur.to(final.dtype))
         lend = cp.mark("lend")
-        hid = np.zeros((n, 0), dtype=np.float32)
-        m = self.after(self.ctl, self.st, pos, l, idx, hid, dec, self.spec.prefetches and dec, self.act)
+        hid = np.zeros((n, 1, 0), dtype=np.float32)
+        m = self.after(self.ctl, self.st, pos, l, idx[:, None, :], hid, 0, n, 0, dec, self.spec.prefetches and dec,
+                       self.act)
         if self.clock is not None:
             self.clock.after_copies(self.act, m)
         for r in self.act[:m].tolist():

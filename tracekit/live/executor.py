@@ -190,7 +190,7 @@ class TraceExecutor:
                 if cp is not None:
                     step_bytes[s] += self._layer(cp, rows, l, s, xs, req_ntok[a:b], spans if timed else None)
                 h0 = time.perf_counter()
-                m = after(ctl, st, pos, l, tok_ex[t0:t1, l], hid[t0:t1, l], dec, predict_on and dec, act)
+                m = after(ctl, st, pos, l, tok_ex, hid, t0, t1, l, dec, predict_on and dec, act)
                 prow = act[:m].tolist()
                 if clock is not None:
                     clock.after_copies(act, m)

@@ -72,9 +72,8 @@ def victim(st, l, cand, n):
     for i in range(n):
         c = cand[i]
         s = 0
-        for a in range(E):
-            if a != c and (last[l, a] or cur[l, a]):
-                s += W[l, c, a]
+        for a in range(E):           # W[l, c, c] stays 0 (observe skips a == b): no a != c test
+            s += W[l, c, a] * (last[l, a] | cur[l, a])
         if best < 0 or s < best_s or (s == best_s and (lru[l, c] < lru[l, best]
                                                        or (lru[l, c] == lru[l, best] and c < best))):
             best = c

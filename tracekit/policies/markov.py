@@ -14,18 +14,19 @@ NEXT step at the same layer (dstep = 1). Base eviction: LRU (the controller prot
 import numpy as np
 from numba import njit
 
-from tracekit.policies import register
-from tracekit.policies.base import PolicySpec, lru_access, lru_insert, lru_victim, noop_evict, top_valid_into
+from tracekit.policies import NotApplicable, register
+from tracekit.policies.base import PolicySpec, lru_access, lru_insert, lru_victim, noop_evict
 
 
 def make_state(ctx):
     L, E, K = ctx.num_layers, ctx.num_experts, ctx.top_k
+    if E > 1024:
+        raise NotApplicable(f"markov supports at most 1024 experts, not {E}")
     return (np.zeros((L, E), dtype=np.int64),          # 0 last use [L, E]
             np.zeros((L, E, E), dtype=np.int64),       # 1 transition counts P [L, E, E]
             np.full((L, K), -1, dtype=np.int64),       # 2 previous token's experts [L, K]
             np.array([max(1, ctx.depth or K)], dtype=np.int64),   # 3 depth [1]
-            np.zeros(E, dtype=np.float64),             # 4 score scratch [E]
-            np.zeros(E, dtype=np.int8))                # 5 candidate scratch [E]
+            np.zeros(E, dtype=np.int64))               # 4 score key scratch [E]
 
 
 @njit(cache=True)
@@ -45,18 +46,32 @@ def observe(st, l, ex, hid):
 
 @njit(cache=True)
 def predict(st, l, ex, hid, out):
-    P, score = st[1], st[4]
-    score[:] = 0.0
+    # score[b] = sum_a P[l, a, b] as an int64 key score * 1024 + (1023 - b), so that one max() picks
+    # the best score and, among ties, the lowest id (branch-free; E <= 1024)
+    P, key = st[1], st[4]
+    E = key.shape[0]
+    for b in range(E):
+        key[b] = 1023 - b
     for i in range(ex.shape[0]):
         a = ex[i]
         if a < 0:
             continue
-        for b in range(score.shape[0]):
-            score[b] += P[l, a, b]
-    ok = st[5]
-    for b in range(score.shape[0]):
-        ok[b] = 1 if score[b] > 0 else 0          # only experts ever seen to follow
-    return top_valid_into(score, ok, st[3][0], 1, l, out)
+        for b in range(E):
+            key[b] += P[l, a, b] << 10
+    k = 0
+    for _ in range(min(st[3][0], out.shape[0])):
+        best = key[0]
+        for b in range(1, E):
+            best = max(best, key[b])
+        if best < 1024:                           # only experts ever seen to follow (score > 0)
+            break
+        e = 1023 - (best & 1023)
+        key[e] = -1
+        out[k, 0] = 1
+        out[k, 1] = l
+        out[k, 2] = e
+        k += 1
+    return k
 
 
 register(PolicySpec("markov", "prefetch", "temporal chain: prefetch the likeliest experts of the next token",

@@ -5,9 +5,10 @@ The replay engine and the live executor call the SAME two functions per (step, l
   serve(ctl, st, pos, l, req_e, now0, req_next, decode, act) -> n_actions
       the layer's requests (distinct experts in (token, rank) order) arrive; hits and demand
       misses are decided, then queued prefetches are issued while the in-flight cap allows.
-  after(ctl, st, pos, l, tok_ex, hid, decode, predict_on, act) -> n_actions
-      the tokens have finished layer l: the policy observes them and predicts; prefetches are
-      queued and issued while the cap allows.
+  after(ctl, st, pos, l, tok_ex, hid, t0, t1, col, decode, predict_on, act) -> n_actions
+      tokens t0..t1 have finished layer l (their experts tok_ex[t, col] int16[K], hidden states
+      hid[t, col]): the policy observes them and predicts; prefetches are queued and issued while
+      the cap allows.
 
 pos = step_index * L + l is the position in the (step, layer) order. Actions are rows of
 act int64[A, 5] = (kind, layer, expert, slot, request_index), kind in HIT / MISS / PREFETCH.

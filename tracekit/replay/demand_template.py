@@ -10,7 +10,9 @@ request loop. tests/test_replay_engines.py checks that it equals `run` (the cont
 Why the cost model fuses: with demand copies only, every copy a layer enqueues is one that the
 same layer waits for, so when the next layer routes, the copy engine and every slot are free
 (engine_free <= cursor <= t_route). A layer's j-th miss therefore lands at t_route + j * copy, and
-hits compute without stalls, exactly as `layer_time` computes them.
+hits compute without stalls, exactly as `layer_time` computes them (for a hit, ready <= t, so
+max(t + f, ready + f / ch) is t + f in floating point too). The timeline's ready and slot_free arrays
+are not kept; its accumulators are.
 """
 # ruff: noqa: F821
 import numpy as np
@@ -48,15 +50,16 @@ def run_demand(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, re
                req_next, observe_on):
     # Same arguments and result as `run` (less the prefetch/hybrid ones):
     # (total_s, decode_s, decode_tokens, decode_stall_s, decode_compute_s); fills ctl's counters and
-    # residency and tl's accumulators as `run` does.
+    # residency and tl's accumulators (tl[2]) as `run` does.
     slot_of, slot_owner, nres, cnt = ctl[1], ctl[2], ctl[3], ctl[8]
     resident = ctl[0]
-    ready, slot_free, acc = tl
+    acc = tl[2]
     S = decode.shape[0]
     L = tok_ex.shape[1]
     C = slot_owner.shape[1]
     dur = (sc[P_OVH] + sc[P_BYTES] / sc[P_BW]) * sc[P_CONT_COPY]
     ch = sc[P_CHUNKS]
+    f1 = interp(ffn_tok, ffn_s, 1)
     n_req = n_hit = n_dreq = n_dhit = n_xfer = n_dxfer = n_evict = 0
     stall = acc[A_STALL]
     compute = acc[A_COMPUTE]
@@ -82,14 +85,14 @@ def run_demand(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, re
             t = t_route
             for i in range(a, b):
                 e = np.int64(req_e[i])
-                f = interp(ffn_tok, ffn_s, req_ntok[i])
+                f = f1 if req_ntok[i] == 1 else interp(ffn_tok, ffn_s, req_ntok[i])
                 k = slot_of[l, e]
                 if k >= 0:                                   # hit: no stall (its copy landed long ago)
                     on_access(st, l, e, True, i, req_next[i])
                     n_hit += 1
                     if dec:
                         n_dhit += 1
-                    end = max(t + f, ready[l, e] + f / ch)
+                    end = t + f
                 else:                                        # demand miss: copy, evicting the victim
                     if nres[l] < C:
                         k = 0
@@ -112,14 +115,12 @@ def run_demand(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, re
                     if dec:
                         n_dxfer += 1
                     engine = max(t_route, engine) + dur
-                    ready[l, e] = engine
                     copy += dur
                     nbytes += sc[P_BYTES]
                     end = max(t + f, engine + f / ch)
                 stall += end - (t + f)
                 compute += f
                 t = end
-                slot_free[l, k] = t
             n_req += b - a
             if dec:
                 n_dreq += b - a

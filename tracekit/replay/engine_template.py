@@ -128,12 +128,13 @@ def _issue(ctl, st, pos, decode, act, n):
     return n
 
 @njit(cache=True, inline="always", _nrt=False)
-def _serve(ctl, st, pos, l, req_e, now0, req_next, decode, act, hybrid, req_ntok, t_route):
+def _serve(ctl, st, pos, l, req_e, a, b, now0, req_next, decode, act, hybrid, req_ntok, t_route):
+    # requests req_e[a:b]; request i is number now0 + (i - a) and its action rows carry index i
     resident, slot_of, slot_owner, nres, pf, want, queue, q, cnt = ctl[:9]
     n = 0
-    for i in range(req_e.shape[0]):
+    for i in range(a, b):
         e = np.int64(req_e[i])
-        now = now0 + i
+        now = now0 + (i - a)
         q[Q_CLOCK] = now
         cnt[C_REQ] += 1
         if decode:
@@ -200,7 +201,7 @@ def _cpu_wins(hy, cpu_tok, cpu_s, ntok, t_route):
 
 @njit(cache=True, inline="always", _nrt=False)
 def serve(ctl, st, pos, l, req_e, now0, req_next, decode, act):
-    return _serve(ctl, st, pos, l, req_e, now0, req_next, decode, act, False, req_next, 0.0)
+    return _serve(ctl, st, pos, l, req_e, 0, req_e.shape[0], now0, req_next, decode, act, False, req_next, 0.0)
 
 
 @njit(cache=True, inline="always", _nrt=False)
@@ -211,22 +212,24 @@ def serve_hybrid(ctl, st, pos, l, req_e, now0, req_next, decode, act, req_ntok, 
     hy = ctl[11]
     hy[0] = engine_free
     hy[1] = cpu_free
-    return _serve(ctl, st, pos, l, req_e, now0, req_next, decode, act, True, req_ntok, t_route)
+    return _serve(ctl, st, pos, l, req_e, 0, req_e.shape[0], now0, req_next, decode, act, True, req_ntok,
+                  t_route)
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def after(ctl, st, pos, l, tok_ex, hid, decode, predict_on, act):
-    # tok_ex: int16[B, K] experts of the step's tokens at layer l; hid: float32[B, D] (D may be 0)
+def after(ctl, st, pos, l, tok_ex, hid, t0, t1, col, decode, predict_on, act):
+    # The step's tokens t0..t1 finished layer l: tok_ex int16[T, *, K] and hid float32[T, *, D]
+    # (D may be 0) hold their experts and hidden states in column `col`.
     resident, pf, want, queue, q, cnt, pred = ctl[0], ctl[4], ctl[5], ctl[6], ctl[7], ctl[8], ctl[10]
     L = resident.shape[0]
-    for b in range(tok_ex.shape[0]):
-        if tok_ex[b, 0] >= 0:
-            observe(st, l, tok_ex[b], hid[b])
+    for b in range(t0, t1):
+        if tok_ex[b, col, 0] >= 0:
+            observe(st, l, tok_ex[b, col], hid[b, col])
     if predict_on:
-        for b in range(tok_ex.shape[0]):
-            if tok_ex[b, 0] < 0:
+        for b in range(t0, t1):
+            if tok_ex[b, col, 0] < 0:
                 continue
-            m = predict(st, l, tok_ex[b], hid[b], pred)
+            m = predict(st, l, tok_ex[b, col], hid[b, col], pred)
             for r in range(m):
                 dstep, tl, te = pred[r, 0], pred[r, 1], pred[r, 2]
                 if tl < 0 or tl >= L:
@@ -289,13 +292,15 @@ def run(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, 
             a, b = req_ptr[pos], req_ptr[pos + 1]
             t_route = cursor + attn_time(sc, tl, ntok)
             if hybrid:
-                n = serve_hybrid(ctl, st, pos, l, req_e[a:b], a, req_next[a:b], dec, act, req_ntok[a:b],
-                                 t_route, acc[0], acc[5])
+                hy = ctl[11]
+                hy[0] = acc[0]
+                hy[1] = acc[5]
+                n = _serve(ctl, st, pos, l, req_e, a, b, a, req_next, dec, act, True, req_ntok, t_route)
             else:
-                n = serve(ctl, st, pos, l, req_e[a:b], a, req_next[a:b], dec, act)
-            cursor = layer_time(sc, ffn_tok, ffn_s, cpu_tok, cpu_s, tl, act, n, req_ntok[a:b], t_route)
+                n = _serve(ctl, st, pos, l, req_e, a, b, a, req_next, dec, act, False, req_ntok, t_route)
+            cursor = layer_time(sc, ffn_tok, ffn_s, cpu_tok, cpu_s, tl, act, n, req_ntok, t_route)
             if observe_on or (predict_on and dec):
-                m = after(ctl, st, pos, l, tok_ex[t0:t1, l], hid[t0:t1, l], dec, predict_on and dec, act)
+                m = after(ctl, st, pos, l, tok_ex, hid, t0, t1, l, dec, predict_on and dec, act)
                 enqueue_copies(sc, tl, act, m, cursor)
         if dec:
             dec_time += cursor - start

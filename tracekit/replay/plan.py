@@ -57,8 +57,26 @@ def _build(tok_ptr, tok_ex, E):
     count = np.zeros(E, dtype=np.int32)
     n = 0
     for s in range(S):
+        one = tok_ptr[s + 1] - tok_ptr[s] == 1
         for l in range(L):
             start = n
+            if one:                  # a one-token step (the common decode case): no counting pass
+                t = tok_ptr[s]
+                for k in range(K):
+                    e = tok_ex[t, l, k]
+                    if e < 0:
+                        continue
+                    j = start
+                    while j < n and req_e[j] != e:
+                        j += 1
+                    if j < n:
+                        req_ntok[j] += 1
+                    else:
+                        req_e[n] = e
+                        req_ntok[n] = 1
+                        n += 1
+                req_ptr[s * L + l + 1] = n
+                continue
             for t in range(tok_ptr[s], tok_ptr[s + 1]):
                 for k in range(K):
                     e = tok_ex[t, l, k]

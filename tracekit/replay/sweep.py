@@ -73,7 +73,10 @@ def run_sweep(plans: dict[str, tuple[Plan, Trace]], cfg: SweepConfig,
     _CFG = cfg
     # Capacity-major order, so that parallel workers start on (and JIT-compile) different policies;
     # compiled code lands in the on-disk cache (tracekit.replay.jit) for every later process.
+    # The slowest kinds go first (prefetching, then observing policies; the demand-only loop is
+    # several times faster), so that no worker is left with a long job at the end.
     jobs = [(n, p, C) for n in plans for C in cfg.capacities for p in cfg.policies]
+    jobs.sort(key=lambda j: (not policies.get(j[1]).prefetches, not policies.get(j[1]).observes))
     workers = cfg.jobs or os.cpu_count() or 1
     rows: list[dict] = []
     if workers <= 1 or len(jobs) <= 1:

@@ -15,32 +15,39 @@ from tracekit.trace.core import Trace
 
 
 @njit(cache=True)
-def _draw(cdf, T, K, seed):
-    # K distinct experts per (token, layer), each drawn from the layer's popularity (cdf: [L, E])
+def _draw(cdf, T, K, stickiness, seed):
+    # -> experts int16[T, L, K], weights float32[T, L, K]. With probability `stickiness` token t
+    # repeats token t-1's experts at layer l; otherwise K distinct experts are drawn from the
+    # layer's popularity (cdf: [L, E], last column 1). Weights: random, normalized per row.
     np.random.seed(seed)
     L, E = cdf.shape
     ex = np.empty((T, L, K), dtype=np.int16)
+    w = np.empty((T, L, K), dtype=np.float32)
     for t in range(T):
         for l in range(L):
-            k = 0
-            while k < K:
-                e = np.int16(min(np.searchsorted(cdf[l], np.random.random() * cdf[l, -1]), E - 1))
-                dup = False
-                for j in range(k):
-                    dup = dup or ex[t, l, j] == e
-                if not dup:
-                    ex[t, l, k] = e
-                    k += 1
-    return ex
-
-
-@njit(cache=True)
-def _stick(ex, stick):
-    # ex: int16[T, L, K]; where stick[t, l], token t copies token t-1's experts at layer l
-    for t in range(1, ex.shape[0]):
-        for l in range(ex.shape[1]):
-            if stick[t, l]:
-                ex[t, l, :] = ex[t - 1, l, :]
+            if t > 0 and np.random.random() < stickiness:
+                for k in range(K):
+                    ex[t, l, k] = ex[t - 1, l, k]
+            else:
+                k = 0
+                while k < K:
+                    u = np.random.random()
+                    e = 0
+                    while e < E - 1 and cdf[l, e] <= u:
+                        e += 1
+                    dup = False
+                    for j in range(k):
+                        dup = dup or ex[t, l, j] == e
+                    if not dup:
+                        ex[t, l, k] = e
+                        k += 1
+            tot = 0.0
+            for k in range(K):
+                w[t, l, k] = np.random.random() + 1e-6
+                tot += w[t, l, k]
+            for k in range(K):
+                w[t, l, k] /= tot
+    return ex, w
 
 
 def synthetic_trace(tokens: int = 1000, layers: int = 4, experts: int = 8, top_k: int = 2,
@@ -49,11 +56,9 @@ def synthetic_trace(tokens: int = 1000, layers: int = 4, experts: int = 8, top_k
     rng = np.random.default_rng(seed)
     T, L, E, K = tokens, layers, experts, top_k
     pop = rng.dirichlet(np.full(E, 0.7), size=L)                      # [L, E] popularity
-    ex = _draw(np.cumsum(pop, axis=1), T, K, seed)                     # [T, L, K] distinct per row
-    stick = rng.random((T, L)) < stickiness
-    _stick(ex, stick)                                                  # repeat the previous top-k
-    w = rng.random((T, L, K)).astype(np.float32)
-    w /= w.sum(axis=2, keepdims=True)
+    cdf = np.cumsum(pop, axis=1)
+    cdf /= cdf[:, -1:]
+    ex, w = _draw(cdf, T, K, stickiness, seed)                         # [T, L, K] distinct per row
     phase = np.ones(T, dtype=np.int8)
     phase[:prefill] = 0
     step = np.arange(T, dtype=np.int32) - max(prefill - 1, 0)
