@@ -22,7 +22,7 @@ START = "<!-- bench_replay:start -->"
 END = "<!-- bench_replay:end -->"
 
 
-def throughput(tokens: int) -> list[tuple[str, int, float]]:
+def throughput(tokens: int) -> list[tuple[str, int, float, str]]:
     from tracekit import policies
     from tracekit.replay.cost import load_profile
     from tracekit.replay.engine import replay_one
@@ -43,7 +43,7 @@ def throughput(tokens: int) -> list[tuple[str, int, float]]:
             t = time.perf_counter()
             r = replay_one(spec, plan, 2, prof)
             best = max(best, r.counters["requests"] / (time.perf_counter() - t))
-        out.append((name, r.counters["requests"], best))
+        out.append((name, r.counters["requests"], best, "controller" if spec.prefetches else "demand loop"))
         print(f"{name:15s} {best / 1e6:7.2f} M req/s", flush=True)
     trh = synthetic_trace(tokens=tokens // 10, layers=32, experts=8, top_k=2, seed=0, hidden_dim=64,
                           with_router=True)
@@ -54,7 +54,7 @@ def throughput(tokens: int) -> list[tuple[str, int, float]]:
         t = time.perf_counter()
         r = replay_one(spec, plan_h, 2, prof, router=trh.router, hidden_kind="full")
         rate = r.counters["requests"] / (time.perf_counter() - t)
-        out.append((name + " (D=64)", r.counters["requests"], rate))
+        out.append((name + " (D=64)", r.counters["requests"], rate, "controller"))
         print(f"{name:15s} {rate / 1e6:7.2f} M req/s (hidden dim 64)", flush=True)
     return out
 
@@ -75,19 +75,19 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--tokens", type=int, default=160_000, help="throughput trace (~10M requests)")
-    ap.add_argument("--sweep-tokens", type=int, default=100_000, help="whole-sweep trace tokens")
+    ap.add_argument("--sweep-tokens", type=int, default=1_000_000, help="whole-sweep trace tokens")
     a = ap.parse_args()
     rows = throughput(a.tokens)
     cold, warm = whole_sweep(a.sweep_tokens)
     cpu = f"{platform.machine()}, {os.cpu_count()} cores"
     lines = [START, "## Replay speed", "",
-             f"Measured by `make bench` (bench/bench_replay.py) on this CPU ({cpu}), one process per "
-             f"policy run, best of 3 after JIT. Synthetic trace: {a.tokens} tokens x 32 layers, 8 experts, "
+             f"Measured by `make bench` (bench/bench_replay.py) on this CPU ({cpu}), one core, "
+             f"best of 3 after JIT. Synthetic trace: {a.tokens} tokens x 32 layers, 8 experts, "
              "top-2, C=2, full cost model on.", "",
-             "| policy | requests | M requests/s | target |", "|---|---|---|---|"]
-    for name, n, rate in rows:
+             "| policy | engine | requests | M requests/s | target |", "|---|---|---|---|---|"]
+    for name, n, rate, engine in rows:
         target = 100 if name in ("lru", "fifo") else 20
-        lines.append(f"| {name} | {n:,} | {rate / 1e6:.2f} | >= {target} |")
+        lines.append(f"| {name} | {engine} | {n:,} | {rate / 1e6:.2f} | >= {target} |")
     lines += ["", f"Whole process `tracekit replay synthetic:tokens={a.sweep_tokens},layers=32 --policy all "
               f"--capacity 1,2,3,4,6` (40 configurations, 2 worker processes): {cold:.1f} s first run, "
               f"{warm:.1f} s with the JIT cache warm.", END]

@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 (fp32 with --tiny)")
     p.add_argument("--device", default=None, help="default cuda (cpu with --tiny)")
     p.add_argument("--device-map", default=None, help="'auto' to spread over GPUs (accelerate)")
+    p.add_argument("--modes", default="none,full", help="hook configs to time against no hooks")
     p.add_argument("--diagnose", action="store_true", help="add --hidden full without Parquet writing")
     p.add_argument("--tiny", action="store_true", help="tiny Mixtral config on CPU: checks the script logic")
     args = p.parse_args(argv)
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # tiny CPU check: threads only add noise
     prompts = (builtin_prompts() * 4)[: args.prompts]
     loaded, layers, build_s = build(args)
-    modes = ["baseline", "none", "full"] + (["full:nowrite"] if args.diagnose else [])
+    modes = ["baseline"] + [m for m in args.modes.split(",") if m != "baseline"]
+    modes += ["full:nowrite"] if args.diagnose else []
     times: dict[str, list[float]] = {m: [] for m in modes}
     last: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmpdir:

@@ -156,6 +156,9 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
     info = ld.info
     res = {"model": model, "layers": info["num_hidden_layers"], "policy": policy, "capacity": capacity,
            "cap": cap, "prompts": len(texts), "new_tokens": max_tokens, "identical": ref == off,
+           # per prompt: index of the first generated token that differs (None: identical)
+           "first_divergence": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                                for a, b in zip(ref, off)],
            "resident_tok_s": ref_tps, "offloaded_tok_s": off_tps, "hit_rate":
            counters["hits"] / max(1, counters["requests"]), "counters": counters,
            "bytes_per_expert": info.get("bytes_per_expert"), "hybrid": hybrid,
