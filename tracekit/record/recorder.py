@@ -46,7 +46,7 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
            device_map: str | None = None, hidden: str = "none", random_weights: bool = False,
            num_layers: int | None = None, force: bool = False, progress: bool = False, seed: int = 1234,
            flush_steps: int = 16, eos_token_id: int | list[int] | None = None, loaded=None,
-           hooks: bool = True, threads: int | None = None) -> dict:
+           hooks: bool = True, threads: int | None = None, background: bool | None = None) -> dict:
     """Record a routing trace to `out`; returns a summary dict.
 
     prompts: None (built-in set), a txt/jsonl path, or a list of strings.
@@ -54,6 +54,8 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
     hooks=False runs the same generation without hooks or writing (baseline timing); out is ignored.
     threads: CPU threads for torch during generation; None = 1 for tiny models on CPU (their ops are too
     small to split: 1 thread is ~6x faster on 2 cores), else torch's default.
+    background: encode Parquet parts on a writer thread. None = only when hidden states are recorded:
+    routing-only parts are small, and a writer thread competes with generation for the GIL.
     """
     from tracekit.record.adapters import adapter_for
     from tracekit.record.generate import generate_batch
@@ -105,7 +107,8 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
         })
         writer = TraceWriter(out, num_layers=rh.L, num_experts=rh.E, top_k=rh.K, meta=meta,
                              router=rh.router_weights(), hidden_kind=rh.hidden_kind, hidden_dim=rh.D,
-                             hidden_proj_seed=rh.proj_seed, force=force, background=True)
+                             hidden_proj_seed=rh.proj_seed, force=force,
+                             background=rh.hidden_kind != "none" if background is None else background)
         rh.attach()
 
     stats = {"generated": 0, "write_s": 0.0}
