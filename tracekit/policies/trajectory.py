@@ -33,7 +33,8 @@ def make_state(ctx):
             np.zeros(L, dtype=np.int64),               # 3 tokens observed per layer [L]
             np.array([max(1, ctx.depth or ctx.top_k), warmup], dtype=np.int64),  # 4 depth, warmup
             np.zeros(E, dtype=np.float64),             # 5 score scratch [E]
-            np.zeros(E, dtype=np.int8))                # 6 valid-score scratch [E]
+            np.zeros(E, dtype=np.int8),                # 6 valid-score scratch [E]
+            np.zeros((L, E), dtype=np.float64))        # 7 squared centroid norms [L, E]
 
 
 @njit(cache=True)
@@ -46,8 +47,11 @@ def observe(st, l, ex, hid):
             continue
         cnt[l, e] += 1
         n = float(cnt[l, e])
+        cc = 0.0
         for d in range(hid.shape[0]):
             cen[l, e, d] += (float(hid[d]) - cen[l, e, d]) / n
+            cc += cen[l, e, d] * cen[l, e, d]
+        st[7][l, e] = cc                 # kept here so that predict does not recompute it per token
 
 
 @njit(cache=True)
@@ -66,10 +70,9 @@ def predict(st, l, ex, hid, out):
         if cnt[t, e] == 0:
             continue
         dot = 0.0
-        cc = 0.0
+        cc = st[7][t, e]
         for d in range(hid.shape[0]):
             dot += float(hid[d]) * cen[t, e, d]
-            cc += cen[t, e, d] * cen[t, e, d]
         if cc == 0.0:
             continue
         score[e] = dot / (math.sqrt(hh) * math.sqrt(cc))
