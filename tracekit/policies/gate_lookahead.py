@@ -49,11 +49,12 @@ def predict(st, l, ex, hid, out):
         return 0
     E = logit.shape[0]
     for e in range(E):
-        s = 0.0
-        for d in range(hid.shape[0]):
-            s += float(router[t, e, d]) * float(hid[d])
-        logit[e] = s
+        logit[e] = 0.0
         taken[e] = 1                              # every expert is a candidate
+    for d in range(hid.shape[0]):                 # d outer: E independent sums, each in d order
+        h = float(hid[d])
+        for e in range(E):
+            logit[e] += float(router[t, e, d]) * h
     return top_valid_into(logit, taken, min(depth, E), 0, t, out)
 
 

@@ -34,7 +34,7 @@ def make_state(ctx):
             np.array([max(1, ctx.depth or ctx.top_k), warmup], dtype=np.int64),  # 4 depth, warmup
             np.zeros(E, dtype=np.float64),             # 5 score scratch [E]
             np.zeros(E, dtype=np.int8),                # 6 valid-score scratch [E]
-            np.zeros((L, E), dtype=np.float64))        # 7 squared centroid norms [L, E]
+            np.zeros((2, E), dtype=np.float64))        # 7 dot / squared-norm scratch [2, E]
 
 
 @njit(cache=True)
@@ -47,11 +47,8 @@ def observe(st, l, ex, hid):
             continue
         cnt[l, e] += 1
         n = float(cnt[l, e])
-        cc = 0.0
         for d in range(hid.shape[0]):
             cen[l, e, d] += (float(hid[d]) - cen[l, e, d]) / n
-            cc += cen[l, e, d] * cen[l, e, d]
-        st[7][l, e] = cc                 # kept here so that predict does not recompute it per token
 
 
 @njit(cache=True)
@@ -65,14 +62,24 @@ def predict(st, l, ex, hid, out):
         hh += float(hid[d]) * float(hid[d])
     if hh == 0.0:
         return 0
-    for e in range(score.shape[0]):
+    # d outer, experts inner: E independent sums, each still added in d order (same results as one
+    # expert at a time, without waiting on one long chain of dependent additions)
+    acc = st[7]
+    E = score.shape[0]
+    for e in range(E):
+        acc[0, e] = 0.0
+        acc[1, e] = 0.0
+    for d in range(hid.shape[0]):
+        h = float(hid[d])
+        for e in range(E):
+            acc[0, e] += h * cen[t, e, d]
+            acc[1, e] += cen[t, e, d] * cen[t, e, d]
+    for e in range(E):
         ok[e] = 0
         if cnt[t, e] == 0:
             continue
-        dot = 0.0
-        cc = st[7][t, e]
-        for d in range(hid.shape[0]):
-            dot += float(hid[d]) * cen[t, e, d]
+        dot = acc[0, e]
+        cc = acc[1, e]
         if cc == 0.0:
             continue
         score[e] = dot / (math.sqrt(hh) * math.sqrt(cc))
