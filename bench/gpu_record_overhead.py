@@ -66,19 +66,19 @@ def run_once(loaded, prompts, new_tokens, mode: str, tmpdir: str) -> dict:
         return record(loaded=loaded, prompts=prompts, max_new_tokens=new_tokens, batch_size=len(prompts),
                       eos_token_id=[], hooks=False)
     out = os.path.join(tmpdir, f"{mode.replace(':', '_')}.parquet")
-    if mode.endswith(":bg") or mode.endswith(":fg"):   # force the writer thread on / off
-        return record(loaded=loaded, out=out, prompts=prompts, max_new_tokens=new_tokens, batch_size=len(prompts),
-                      eos_token_id=[], hidden=mode.split(":")[0], force=True, background=mode.endswith(":bg"))
-    if mode.endswith(":nowrite"):   # diagnosis: hooks and device-to-host gathering, no Parquet writing
+    hidden, _, variant = mode.partition(":")
+    kw = dict(loaded=loaded, out=out, prompts=prompts, max_new_tokens=new_tokens, batch_size=len(prompts),
+              eos_token_id=[], hidden=hidden, force=True)
+    if variant in ("bg", "fg"):          # force the writer thread on / off
+        return record(**kw, background=variant == "bg")
+    if variant == "nowrite":             # diagnosis: hooks and device-to-host gathering, no Parquet writing
         from unittest import mock
 
         from tracekit.trace.native import TraceWriter
 
         with mock.patch.object(TraceWriter, "_write_part", lambda self, buf, part: None):
-            return record(loaded=loaded, out=out, prompts=prompts, max_new_tokens=new_tokens,
-                          batch_size=len(prompts), eos_token_id=[], hidden=mode.split(":")[0], force=True)
-    return record(loaded=loaded, out=out, prompts=prompts, max_new_tokens=new_tokens, batch_size=len(prompts),
-                  eos_token_id=[], hidden=mode, force=True)
+            return record(**kw)
+    return record(**kw)
 
 
 def main(argv=None) -> int:

@@ -110,7 +110,7 @@ def step_numba(spec, plan, C, cap, ctx):
     serve, after, finish = ctlmod.build(spec)
     st_ = spec.make_state(ctx)
     ctl = ctlmod.new_controller(plan.L, plan.E, C, cap)
-    act = np.zeros((4 * plan.K * 64 + 1024, 5), dtype=np.int64)
+    act = ctlmod.action_rows(ctl)
     for s in range(plan.num_steps):
         t0, t1 = plan.tok_ptr[s], plan.tok_ptr[s + 1]
         dec = bool(plan.decode[s] == 1)

@@ -126,7 +126,7 @@ class OffloadRunner:
                 raise
             self.ctl = self.clock.ctl
         self.cpu_jobs = 0
-        self.act = np.zeros((4 * self.K * 64 + 1024, 5), dtype=np.int64)
+        self.act = ctlmod.action_rows(self.ctl)
         self.decode_tokens = decode_tokens
         self.step, self.now = -1, 0
         self.log: list = []          # (step, layer, experts int16[n, K], decode) for bookkeeping checks

@@ -154,7 +154,7 @@ class TraceExecutor:
             ctl = clock.ctl
         if self.worker is not None:
             self.worker.jobs = []
-        act = np.zeros((4 * plan.K * 64 + 1024, 5), dtype=np.int64)
+        act = ctlmod.action_rows(ctl)
         predict_on = spec.prefetches
         L = plan.L
         cp = None if self.dry else Copier(self.device, L, C, len(self.rows), timed)

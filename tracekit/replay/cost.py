@@ -123,6 +123,25 @@ def interp(tok, sec, n):
     return sec[-1] * n / tok[-1]
 
 
+@njit(cache=True, inline="always")
+def copy_duration(sc):
+    # one expert's host-to-device copy: per-copy overhead + bytes / bandwidth, x contention
+    return (sc[P_OVH] + sc[P_BYTES] / sc[P_BW]) * sc[P_CONT_COPY]
+
+
+@njit(cache=True, inline="always")
+def attn_seconds(sc, ntok):
+    # attention and the rest of the non-expert layer work, for a step of ntok tokens
+    return sc[P_ATTN] + sc[P_ATTN_TOK] * ntok
+
+
+@njit(cache=True, inline="always")
+def expert_end(t, f, ready, ch):
+    # an expert of FFN time f, its turn at t, its copy landed at `ready`: with `ch` chunks it can
+    # start on the chunks that have landed
+    return max(t + f, ready + f / ch)
+
+
 def new_timeline(L: int, E: int, C: int):
     # ready[L, E]: when each expert's copy lands; slot_free[L, C]; accumulators (A_*)
     return (np.zeros((L, E)), np.zeros((L, C)), np.zeros(8))
@@ -132,7 +151,7 @@ def new_timeline(L: int, E: int, C: int):
 def enqueue_copies(sc, tl, act, n, t_issue):
     # every MISS/PREFETCH row of act[:n] becomes one FIFO copy issued at t_issue
     ready, slot_free, acc = tl
-    dur = (sc[P_OVH] + sc[P_BYTES] / sc[P_BW]) * sc[P_CONT_COPY]
+    dur = copy_duration(sc)
     for r in range(n):
         k = act[r, 0]
         if k != 1 and k != 2:
@@ -147,8 +166,8 @@ def enqueue_copies(sc, tl, act, n, t_issue):
 
 @njit(cache=True, inline="always")
 def attn_time(sc, tl, ntok):
-    # attention and the rest of the non-expert layer work, for a step of ntok tokens
-    attn = sc[P_ATTN] + sc[P_ATTN_TOK] * ntok
+    # attn_seconds, also added to the timeline's compute
+    attn = attn_seconds(sc, ntok)
     tl[2][A_COMPUTE] += attn
     return attn
 
@@ -177,7 +196,7 @@ def layer_time(sc, ffn_tok, ffn_s, cpu_tok, cpu_s, tl, act, n, req_ntok, t_route
                 t = back
             continue
         f = interp(ffn_tok, ffn_s, req_ntok[i])
-        end = max(t + f, ready[l, e] + f / ch)
+        end = expert_end(t, f, ready[l, e], ch)
         acc[A_STALL] += end - (t + f)
         acc[A_COMPUTE] += f
         t = end

@@ -34,13 +34,11 @@ from tracekit.replay.cost import (
     A_COPY,
     A_ENGINE,
     A_STALL,
-    P_ATTN,
-    P_ATTN_TOK,
-    P_BW,
     P_BYTES,
     P_CHUNKS,
-    P_CONT_COPY,
-    P_OVH,
+    attn_seconds,
+    copy_duration,
+    expert_end,
     interp,
 )
 
@@ -51,13 +49,12 @@ def run_demand(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, re
     # Same arguments and result as `run` (less the prefetch/hybrid ones):
     # (total_s, decode_s, decode_tokens, decode_stall_s, decode_compute_s); fills ctl's counters and
     # residency and tl's accumulators (tl[2]) as `run` does.
-    slot_of, slot_owner, nres, cnt = ctl[1], ctl[2], ctl[3], ctl[8]
-    resident = ctl[0]
+    resident, slot_of, slot_owner, nres, cnt = ctl[0], ctl[1], ctl[2], ctl[3], ctl[8]
     acc = tl[2]
     S = decode.shape[0]
     L = tok_ex.shape[1]
     C = slot_owner.shape[1]
-    dur = (sc[P_OVH] + sc[P_BYTES] / sc[P_BW]) * sc[P_CONT_COPY]
+    dur = copy_duration(sc)
     ch = sc[P_CHUNKS]
     f1 = interp(ffn_tok, ffn_s, 1)
     n_req = n_hit = n_dreq = n_dhit = n_xfer = n_dxfer = n_evict = 0
@@ -76,7 +73,7 @@ def run_demand(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, re
         ntok = t1 - t0
         dec = decode[s] == 1
         start, stall0, comp0 = cursor, stall, compute
-        attn = sc[P_ATTN] + sc[P_ATTN_TOK] * ntok
+        attn = attn_seconds(sc, ntok)
         for l in range(L):
             pos = s * L + l
             a, b = req_ptr[pos], req_ptr[pos + 1]
@@ -117,7 +114,7 @@ def run_demand(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, re
                     engine = max(t_route, engine) + dur
                     copy += dur
                     nbytes += sc[P_BYTES]
-                    end = max(t + f, engine + f / ch)
+                    end = expert_end(t, f, engine, ch)
                 stall += end - (t + f)
                 compute += f
                 t = end

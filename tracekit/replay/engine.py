@@ -16,14 +16,8 @@ from tracekit.replay.cost import (
     Profile,
     new_timeline,
 )
+from tracekit.replay.jit import engine_module  # per policy: run, run_demand, serve, after, finish
 from tracekit.replay.plan import Plan
-
-
-def engine_module(spec: PolicySpec):
-    """The compiled engine module of one policy: run, run_demand, serve, after, finish (disk-cached)."""
-    from tracekit.replay.jit import engine_module as _m
-
-    return _m(spec)
 
 
 @dataclass

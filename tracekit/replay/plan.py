@@ -54,19 +54,16 @@ def _build(tok_ptr, tok_ex, E):
     req_ptr = np.zeros(S * L + 1, dtype=np.int64)
     req_e = np.empty(cap, dtype=np.int16)
     req_ntok = np.empty(cap, dtype=np.int32)
-    count = np.zeros(E, dtype=np.int32)
     n = 0
     for s in range(S):
-        one = tok_ptr[s + 1] - tok_ptr[s] == 1
         for l in range(L):
             start = n
-            if one:                  # a one-token step (the common decode case): no counting pass
-                t = tok_ptr[s]
+            for t in range(tok_ptr[s], tok_ptr[s + 1]):
                 for k in range(K):
                     e = tok_ex[t, l, k]
                     if e < 0:
                         continue
-                    j = start
+                    j = start                # this (step, layer)'s requests so far: at most E
                     while j < n and req_e[j] != e:
                         j += 1
                     if j < n:
@@ -75,20 +72,6 @@ def _build(tok_ptr, tok_ex, E):
                         req_e[n] = e
                         req_ntok[n] = 1
                         n += 1
-                req_ptr[s * L + l + 1] = n
-                continue
-            for t in range(tok_ptr[s], tok_ptr[s + 1]):
-                for k in range(K):
-                    e = tok_ex[t, l, k]
-                    if e < 0:
-                        continue
-                    if count[e] == 0:
-                        req_e[n] = e
-                        n += 1
-                    count[e] += 1
-            for i in range(start, n):
-                req_ntok[i] = count[req_e[i]]
-                count[req_e[i]] = 0
             req_ptr[s * L + l + 1] = n
     req_e = req_e[:n].copy()
     req_ntok = req_ntok[:n].copy()
