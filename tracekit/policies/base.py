@@ -57,6 +57,10 @@ class PolicySpec:
     victim: Callable
     observe: Callable
     predict: Callable
+    # True: the policy's choices at a layer depend only on the order it keeps among that layer's
+    # residents (as lru's recency, fifo's insertion order), so replay may tabulate it
+    # (tracekit.replay.table); the engine tests check the tables against the controller.
+    order_state: bool = False
 
     @property
     def prefetches(self) -> bool:
@@ -137,6 +141,42 @@ def top_valid_into(score, ok, n, dstep, layer, out):
         out[k, 2] = best
         k += 1
     return k
+
+
+@njit(cache=True, inline="always")
+def dot_in_d_order(M, hid, acc):
+    # acc[e] = sum_d hid[d] * M[d, e] for M [D, E] (C order), hid float32[D], acc float64[E]; returns
+    # sum_d hid[d] * hid[d]. Every sum is added in d order from 0.0, exactly as a plain loop over d
+    # would (the products in numpy's types: float32 x float32 -> float32, float32 x float64 ->
+    # float64). The loop over e is innermost (contiguous) with d unrolled by 4 inside it, so the
+    # E + 1 sums run side by side and each acc[e] goes through memory once per 4 terms.
+    E = acc.shape[0]
+    D = hid.shape[0]
+    for e in range(E):
+        acc[e] = 0.0
+    hh = 0.0
+    d = 0
+    while d + 4 <= D:
+        h0, h1, h2, h3 = hid[d], hid[d + 1], hid[d + 2], hid[d + 3]
+        hh += h0 * h0
+        hh += h1 * h1
+        hh += h2 * h2
+        hh += h3 * h3
+        for e in range(E):
+            a = acc[e]
+            a += h0 * M[d, e]
+            a += h1 * M[d + 1, e]
+            a += h2 * M[d + 2, e]
+            a += h3 * M[d + 3, e]
+            acc[e] = a
+        d += 4
+    while d < D:
+        h0 = hid[d]
+        hh += h0 * h0
+        for e in range(E):
+            acc[e] += h0 * M[d, e]
+        d += 1
+    return hh
 
 
 # ---- LRU order on st[0] = last use [L, E]: the base eviction order of most policies --------

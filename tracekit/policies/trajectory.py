@@ -2,6 +2,8 @@
 
 State, learned online in `observe` (hidden states arrive as float32, maths in float64):
   cen[l, e, D]  running mean of the hidden states (entering layer l) of tokens routed to e at l
+  cenT[l, D, e] the same, transposed (so that predict's E dot products run side by side)
+  norm[l, e]    |cen[l, e]| (sqrt of the squares summed in d order), kept up to date by observe
   cnt[l, e]     tokens routed to e at l
   nobs[l]       tokens observed at layer l
 After a token finishes layer l with hidden state h, and once at least `warmup` tokens
@@ -17,7 +19,15 @@ import numpy as np
 from numba import njit
 
 from tracekit.policies import NotApplicable, register
-from tracekit.policies.base import PolicySpec, lru_access, lru_insert, lru_victim, noop_evict, top_valid_into
+from tracekit.policies.base import (
+    PolicySpec,
+    dot_in_d_order,
+    lru_access,
+    lru_insert,
+    lru_victim,
+    noop_evict,
+    top_valid_into,
+)
 
 WARMUP = 16
 
@@ -34,12 +44,14 @@ def make_state(ctx):
             np.array([max(1, ctx.depth or ctx.top_k), warmup], dtype=np.int64),  # 4 depth, warmup
             np.zeros(E, dtype=np.float64),             # 5 score scratch [E]
             np.zeros(E, dtype=np.int8),                # 6 valid-score scratch [E]
-            np.zeros((2, E), dtype=np.float64))        # 7 dot / squared-norm scratch [2, E]
+            np.zeros((L, E), dtype=np.float64),        # 7 centroid norms [L, E]
+            np.zeros((L, D, E), dtype=np.float64))     # 8 centroids, transposed [L, D, E]
 
 
 @njit(cache=True)
 def observe(st, l, ex, hid):
-    cen, cnt, nobs = st[1], st[2], st[3]
+    cen, cnt, nobs, norm, cent = st[1], st[2], st[3], st[7], st[8]
+    D = hid.shape[0]
     nobs[l] += 1
     for k in range(ex.shape[0]):
         e = ex[k]
@@ -47,42 +59,46 @@ def observe(st, l, ex, hid):
             continue
         cnt[l, e] += 1
         n = float(cnt[l, e])
-        for d in range(hid.shape[0]):
+        for d in range(D):
             cen[l, e, d] += (float(hid[d]) - cen[l, e, d]) / n
+    # the updated centroids' norms (squares summed in d order) and transposed copies, two experts
+    # at a time so that two sums run side by side
+    k = 0
+    while k < ex.shape[0]:
+        e, f = ex[k], ex[k + 1] if k + 1 < ex.shape[0] else -1
+        k += 2
+        if e < 0:
+            e, f = f, -1
+        if e < 0:
+            continue
+        if f < 0:
+            f = e                                 # one expert left: compute it twice
+        ce, cf = cen[l, e], cen[l, f]             # [D]
+        se = sf = 0.0
+        for d in range(D):
+            se += ce[d] * ce[d]
+            sf += cf[d] * cf[d]
+            cent[l, d, e] = ce[d]
+            cent[l, d, f] = cf[d]
+        norm[l, e] = math.sqrt(se)
+        norm[l, f] = math.sqrt(sf)
 
 
 @njit(cache=True)
 def predict(st, l, ex, hid, out):
-    cen, cnt, nobs, par, score, ok = st[1], st[2], st[3], st[4], st[5], st[6]
+    cnt, nobs, par, score, ok, norm, cent = st[2], st[3], st[4], st[5], st[6], st[7], st[8]
     t = l + 1
     if t >= cnt.shape[0] or nobs[t] < par[1]:
         return 0
-    hh = 0.0
-    for d in range(hid.shape[0]):
-        hh += float(hid[d]) * float(hid[d])
+    hh = dot_in_d_order(cent[t], hid, score)      # score[e] = sum_d h[d] * cen[t, e, d]; hh = |h|^2
     if hh == 0.0:
         return 0
-    # d outer, experts inner: E independent sums, each still added in d order (same results as one
-    # expert at a time, without waiting on one long chain of dependent additions)
-    acc = st[7]
-    E = score.shape[0]
-    for e in range(E):
-        acc[0, e] = 0.0
-        acc[1, e] = 0.0
-    for d in range(hid.shape[0]):
-        h = float(hid[d])
-        for e in range(E):
-            acc[0, e] += h * cen[t, e, d]
-            acc[1, e] += cen[t, e, d] * cen[t, e, d]
-    for e in range(E):
+    hn = math.sqrt(hh)
+    for e in range(score.shape[0]):
         ok[e] = 0
-        if cnt[t, e] == 0:
+        if cnt[t, e] == 0 or norm[t, e] == 0.0:   # no centroid yet, or a zero one
             continue
-        dot = acc[0, e]
-        cc = acc[1, e]
-        if cc == 0.0:
-            continue
-        score[e] = dot / (math.sqrt(hh) * math.sqrt(cc))
+        score[e] = score[e] / (hn * norm[t, e])   # cosine
         ok[e] = 1
     return top_valid_into(score, ok, par[0], 0, t, out)
 
