@@ -1,4 +1,5 @@
-"""The demand-only replay loop (run_demand) equals the full controller loop (run) exactly.
+"""The demand-only replay loop (run_demand) and the transition-table loop (run_table) equal the full
+controller loop (run) exactly.
 
 replay_one picks run_demand for every policy that never prefetches (demand and oracle kinds) when
 --hybrid is off; the live executor always drives the controller. Both must give the same counters
@@ -77,3 +78,64 @@ def test_demand_engine_equals_controller_on_mixtral_trace(name):
         a, b = both(policies.get(name), plan, C, BASE)
         assert a.counters["transfers"] > 0
         assert_same(a, b)
+
+
+# ---- the transition-table loop (run_table) for order-state policies --------------------------
+
+TABLE = [n for n in policies.names() if policies.get(n).order_state]
+
+
+def assert_identical(a, b):
+    # bit-identical: every counter and every float
+    assert dataclasses.asdict(a) == dataclasses.asdict(b)
+
+
+def test_table_engine_is_used_only_where_it_applies():
+    from tracekit.replay.table import MAX_STATES, n_states
+
+    assert {"lru", "fifo"} <= set(TABLE)
+    assert not {"lfu", "belady", "ebco", "markov"} & set(TABLE)
+    plan = build_plan(make_trace(2, 8, 2, [(False, 3), (True, 2)], 0, "none", False))
+    with pytest.raises(ValueError):
+        replay_one(policies.get("lfu"), plan, 2, BASE, engine="table")
+    assert n_states(8, 4) <= MAX_STATES < n_states(8, 6)
+    with pytest.raises(ValueError):                      # too many states: the demand loop runs instead
+        replay_one(policies.get("lru"), plan, 6, BASE, engine="table")
+    assert_identical(replay_one(policies.get("lru"), plan, 6, BASE),
+                     replay_one(policies.get("lru"), plan, 6, BASE, engine="demand"))
+
+
+def test_lru_table_states_are_the_ordered_resident_sets():
+    from tracekit.replay.table import build_table, n_states
+
+    T, H, full, residents = build_table(policies.get("lru"), 4, 2)
+    assert T.shape == (n_states(4, 2), 4) and residents[0] == []
+    assert H[0].tolist() == [0, 0, 0, 0]                  # empty cache: every request misses
+    s = T[T[0, 1], 3]                                     # requests 1 then 3: residents {1, 3}
+    assert H[s].tolist() == [0, 1, 0, 1] and full[s] == 1
+    after = T[s, 0]                                       # 0 misses and evicts 1, the least recent
+    assert sorted(residents[after]) == [0, 3] and H[T[s, 1], 3] == 1
+
+
+@pytest.mark.parametrize("name", TABLE)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(L=st.integers(1, 3), E=st.integers(2, 8), K=st.integers(1, 3), seed=st.integers(0, 2**32 - 1),
+       steps=st.lists(st.tuples(st.sampled_from([True, True, False]), st.integers(1, 4)), min_size=1, max_size=20),
+       C=st.integers(1, 4), prof=st.sampled_from(PROFILES))
+def test_table_engine_equals_demand_and_controller(name, L, E, K, seed, steps, C, prof):
+    K, C = min(K, E), min(C, E)
+    plan = build_plan(make_trace(L, E, K, steps, seed, "none", False))
+    spec = policies.get(name)
+    t = replay_one(spec, plan, C, prof, engine="table")
+    assert_identical(t, replay_one(spec, plan, C, prof, engine="demand"))
+    assert_same(replay_one(spec, plan, C, prof, engine="controller"), t)
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason="shared traces not found")
+@pytest.mark.parametrize("name", TABLE)
+def test_table_engine_equals_demand_on_mixtral_trace(name):
+    plan = build_plan(read_trace(str(TRACE)))
+    for C in (1, 2, 3, 4):
+        t = replay_one(policies.get(name), plan, C, BASE, engine="table")
+        assert t.counters["transfers"] > 0
+        assert_identical(t, replay_one(policies.get(name), plan, C, BASE, engine="demand"))

@@ -31,4 +31,4 @@ def victim(st, l, cand, n):
 
 
 register(PolicySpec("fifo", "demand", "evict the expert inserted earliest", make_state,
-                    noop_access, on_insert, noop_evict, victim, noop_observe, no_predict))
+                    noop_access, on_insert, noop_evict, victim, noop_observe, no_predict, order_state=True))

@@ -19,4 +19,4 @@ def make_state(ctx):
 
 
 register(PolicySpec("lru", "demand", "evict the least recently used expert", make_state,
-                    lru_access, lru_insert, noop_evict, lru_victim, noop_observe, no_predict))
+                    lru_access, lru_insert, noop_evict, lru_victim, noop_observe, no_predict, order_state=True))

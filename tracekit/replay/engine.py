@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from tracekit.policies import PolicyContext, PolicySpec
 from tracekit.replay import controller as ctlmod
+from tracekit.replay import table as tbl
 from tracekit.replay.cost import (
     A_BYTES,
     A_COMPUTE,
@@ -43,7 +46,8 @@ def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *,
 
     engine: "controller" walks the full controller (the code the live executor runs); "demand" the
     demand-only loop (policies that never prefetch, no hybrid; equal results, several times faster);
-    "auto" picks "demand" wherever it applies."""
+    "table" the transition-table loop (order-state policies, small E and C: tracekit.replay.table);
+    "auto" picks "table", else "demand", wherever they apply."""
     ctx = PolicyContext(plan.L, plan.E, capacity, plan.K, plan.hid.shape[2], hidden_kind, router,
                         depth or plan.K, dict(params or {}))
     st = spec.make_state(ctx)
@@ -58,8 +62,17 @@ def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *,
         raise ValueError(f"the demand-only engine cannot run {spec.name} (prefetching or hybrid)")
     args = (ctl, st, tl, sc, ffn_tok, ffn_s, plan.tok_ptr, plan.decode, plan.tok_ex, plan.hid, plan.req_ptr,
             plan.req_e, plan.req_ntok, plan.req_next)
+    table_ok = demand_ok and tbl.applies(spec, plan.E, capacity)
+    if engine == "table" and not table_ok:
+        raise ValueError(f"the table engine cannot run {spec.name} at E={plan.E}, C={capacity}")
     mod = engine_module(spec)
-    if demand_ok and engine != "controller":
+    if table_ok and engine in ("auto", "table"):
+        T, H, full, residents = tbl.build_table(spec, plan.E, capacity)
+        x = np.zeros(plan.L, dtype=np.int32)
+        res = tbl.run_table(ctl, tl, sc, ffn_tok, ffn_s, plan.tok_ptr, plan.decode, plan.req_ptr, plan.req_e,
+                            plan.req_ntok, T, H, full, x)
+        tbl.fill_residency(ctl, x, residents)
+    elif demand_ok and engine != "controller":
         res = mod.run_demand(*args, spec.observes)
     else:
         res = mod.run(*args, spec.prefetches, spec.observes, hybrid, cpu_tok, cpu_s, ctlmod.action_rows(ctl))
