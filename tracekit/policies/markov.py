@@ -47,7 +47,8 @@ def observe(st, l, ex, hid):
 @njit(cache=True)
 def predict(st, l, ex, hid, out):
     # score[b] = sum_a P[l, a, b] as an int64 key score * 1024 + (1023 - b), so that one max() picks
-    # the best score and, among ties, the lowest id (branch-free; E <= 1024)
+    # the best score and, among ties, the lowest id (branch-free; E <= 1024). Keys are distinct, so
+    # the r-th best is the largest key below the (r-1)-th: nothing is written back between passes.
     P, key = st[1], st[4]
     E = key.shape[0]
     for b in range(E):
@@ -59,17 +60,18 @@ def predict(st, l, ex, hid, out):
         for b in range(E):
             key[b] += P[l, a, b] << 10
     k = 0
+    prev = np.int64(1) << 62
     for _ in range(min(st[3][0], out.shape[0])):
-        best = key[0]
-        for b in range(1, E):
-            best = max(best, key[b])
+        best = np.int64(-1)
+        for b in range(E):
+            v = key[b]
+            best = max(best, v if v < prev else -1)
         if best < 1024:                           # only experts ever seen to follow (score > 0)
             break
-        e = 1023 - (best & 1023)
-        key[e] = -1
+        prev = best
         out[k, 0] = 1
         out[k, 1] = l
-        out[k, 2] = e
+        out[k, 2] = 1023 - (best & 1023)
         k += 1
     return k
 

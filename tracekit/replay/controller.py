@@ -33,15 +33,15 @@ N_COUNTERS = 14
 COUNTER_NAMES = ("requests", "hits", "decode_requests", "decode_hits", "demand_transfers",
                  "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_dropped",
                  "decode_transfers", "evictions", "transfers", "cpu_misses", "decode_cpu_misses")
-# qstate slots
-Q_HEAD, Q_TAIL, Q_INFLIGHT, Q_CAP, Q_CLOCK = range(5)
+# qstate slots: ring positions of the queue's head and tail (wrapped), in flight, cap, clock, length
+Q_HEAD, Q_TAIL, Q_INFLIGHT, Q_CAP, Q_CLOCK, Q_LEN = range(6)
 
 
 def new_controller(L: int, E: int, C: int, cap: int, pred_rows: int = 256):
     """Fresh controller state: a tuple of arrays (numba-friendly)."""
     qsize = max(64, L * E * 8)
     slot_owner = np.full((L, C), -1, dtype=np.int64)
-    qstate = np.zeros(5, dtype=np.int64)
+    qstate = np.zeros(6, dtype=np.int64)
     qstate[Q_CAP] = cap
     return (
         np.zeros((L, E), dtype=np.int8),          # 0 resident
@@ -51,7 +51,7 @@ def new_controller(L: int, E: int, C: int, cap: int, pred_rows: int = 256):
         np.zeros((L, E), dtype=np.int8),          # 4 pf: 0 none, 1 queued, 2 in flight
         np.full((L, E), -1, dtype=np.int64),      # 5 want: target pos of a prediction, -1 none
         np.zeros((qsize, 3), dtype=np.int64),     # 6 queue ring (layer, expert, target)
-        qstate,                                   # 7 head, tail, inflight, cap, clock
+        qstate,                                   # 7 head, tail, inflight, cap, clock, length
         np.zeros(N_COUNTERS, dtype=np.int64),     # 8 counters
         np.zeros(E, dtype=np.int64),              # 9 candidate scratch (expert ids)
         np.zeros((pred_rows, 3), dtype=np.int64),  # 10 prediction scratch

@@ -32,6 +32,7 @@ from tracekit.replay.controller import (
     Q_CLOCK,
     Q_HEAD,
     Q_INFLIGHT,
+    Q_LEN,
     Q_TAIL,
 )
 from tracekit.replay.cost import attn_time, enqueue_copies, interp, layer_time
@@ -92,12 +93,21 @@ def _emit(act, n, kind, l, e, s, i):
     return n + 1
 
 @njit(cache=True, inline="always", _nrt=False)
+def _push(queue, q, l, e, t):
+    # append (layer, expert, target) to the ring; the caller checks that it is not full
+    k = q[Q_TAIL]
+    queue[k, 0], queue[k, 1], queue[k, 2] = l, e, t
+    q[Q_TAIL] = k + 1 if k + 1 < queue.shape[0] else 0
+    q[Q_LEN] += 1
+
+@njit(cache=True, inline="always", _nrt=False)
 def _issue(ctl, st, pos, decode, act, n):
     resident, slot_of, slot_owner, nres, pf, want, queue, q, cnt = ctl[:9]
-    while q[Q_INFLIGHT] < q[Q_CAP] and q[Q_HEAD] != q[Q_TAIL]:
-        h = q[Q_HEAD] % queue.shape[0]
+    while q[Q_INFLIGHT] < q[Q_CAP] and q[Q_LEN] > 0:
+        h = q[Q_HEAD]
         l, e, t = queue[h, 0], queue[h, 1], queue[h, 2]
-        q[Q_HEAD] += 1
+        q[Q_HEAD] = h + 1 if h + 1 < queue.shape[0] else 0
+        q[Q_LEN] -= 1
         if pf[l, e] != 1 or want[l, e] != t:
             continue                      # stale duplicate
         if t <= pos:
@@ -132,13 +142,14 @@ def _serve(ctl, st, pos, l, req_e, a, b, now0, req_next, decode, act, hybrid, re
     # requests req_e[a:b]; request i is number now0 + (i - a) and its action rows carry index i
     resident, slot_of, slot_owner, nres, pf, want, queue, q, cnt = ctl[:9]
     n = 0
+    cnt[C_REQ] += b - a
+    if decode:
+        cnt[C_DREQ] += b - a
+    if b > a:
+        q[Q_CLOCK] = now0 + (b - 1 - a)       # the last request's number (prefetches issued below)
     for i in range(a, b):
         e = np.int64(req_e[i])
         now = now0 + (i - a)
-        q[Q_CLOCK] = now
-        cnt[C_REQ] += 1
-        if decode:
-            cnt[C_DREQ] += 1
         if resident[l, e] == 1:
             cnt[C_HIT] += 1
             if decode:
@@ -240,17 +251,13 @@ def after(ctl, st, pos, l, tok_ex, hid, t0, t1, col, decode, predict_on, act):
                 if resident[tl, te] == 1 or pf[tl, te] != 0:
                     if t > want[tl, te]:
                         want[tl, te] = t
-                        if pf[tl, te] == 1 and q[Q_TAIL] - q[Q_HEAD] < queue.shape[0]:
-                            k = q[Q_TAIL] % queue.shape[0]   # re-queue under the new target
-                            queue[k, 0], queue[k, 1], queue[k, 2] = tl, te, t
-                            q[Q_TAIL] += 1
+                        if pf[tl, te] == 1 and q[Q_LEN] < queue.shape[0]:
+                            _push(queue, q, tl, te, t)   # re-queue under the new target
                     continue
-                if q[Q_TAIL] - q[Q_HEAD] >= queue.shape[0]:
+                if q[Q_LEN] >= queue.shape[0]:
                     cnt[C_PF_DROPPED] += 1
                     continue
-                k = q[Q_TAIL] % queue.shape[0]
-                queue[k, 0], queue[k, 1], queue[k, 2] = tl, te, t
-                q[Q_TAIL] += 1
+                _push(queue, q, tl, te, t)
                 pf[tl, te] = 1
                 want[tl, te] = t
     return _issue(ctl, st, pos, decode, act, 0)
