@@ -73,6 +73,7 @@ def throughput(tokens: int, only: list[str] | None = None) -> list[tuple[str, in
     from tracekit.replay.cost import load_profile
     from tracekit.replay.engine import replay_one
     from tracekit.replay.plan import build_plan
+    from tracekit.replay.table import applies
     from tracekit.trace.synthetic import synthetic_trace
 
     tr = synthetic_trace(tokens=tokens, layers=32, experts=8, top_k=2, seed=0, hidden_dim=0)
@@ -90,7 +91,8 @@ def throughput(tokens: int, only: list[str] | None = None) -> list[tuple[str, in
             t = time.perf_counter()
             r = replay_one(spec, plan, 2, prof)
             best = max(best, r.counters["requests"] / (time.perf_counter() - t))
-        out.append((name, r.counters["requests"], best, "controller" if spec.prefetches else "demand loop"))
+        engine = "controller" if spec.prefetches else "transition table" if applies(spec, plan.E, 2) else "demand loop"
+        out.append((name, r.counters["requests"], best, engine))
         print(f"{name:15s} {best / 1e6:7.2f} M req/s", flush=True)
         lru_hits = r.counters["hits"] if name == "lru" else lru_hits
     if lru_hits is not None:
