@@ -70,7 +70,7 @@ def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *,
         T, H, full, residents = tbl.build_table(spec, plan.E, capacity)
         x = np.zeros(plan.L, dtype=np.int32)
         res = tbl.run_table(ctl, tl, sc, ffn_tok, ffn_s, plan.tok_ptr, plan.decode, plan.req_ptr, plan.req_e,
-                            plan.req_ntok, T, H, full, x)
+                            plan.req_ntok, *tbl.flat_tables(T, H, full), x)
         tbl.fill_residency(ctl, x, residents)
     elif demand_ok and engine != "controller":
         res = mod.run_demand(*args, spec.observes)

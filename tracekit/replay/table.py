@@ -116,9 +116,10 @@ def build_table(spec: PolicySpec, E: int, C: int):
 
 
 def fill_residency(ctl, x, residents) -> None:
-    """Write the final table states x int32[L] into the controller's residency arrays."""
+    """Write the final table states x int32[L] (row offsets) into the controller's residency arrays."""
     resident, slot_of, slot_owner, nres = ctl[0], ctl[1], ctl[2], ctl[3]
-    for l, s in enumerate(x.tolist()):
+    E = resident.shape[1]
+    for l, s in enumerate((x // E).tolist()):
         for k, e in enumerate(residents[s]):
             resident[l, e] = 1
             slot_of[l, e] = k
@@ -126,10 +127,19 @@ def fill_residency(ctl, x, residents) -> None:
         nres[l] = len(residents[s])
 
 
+def flat_tables(T, H, full):
+    """run_table's layout: row offsets instead of state numbers, so a transition is one load at
+    x + e. -> Tm int32[S*E] (E * next state), Hf int8[S*E], fullm int8[S*E] (full[s] on state s's row)."""
+    E = T.shape[1]
+    return ((T * E).astype(np.int32).ravel(), H.ravel().copy(),
+            np.repeat(full, E).astype(np.int8))
+
+
 @njit(cache=True, _nrt=False)
 def run_table(ctl, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, req_ptr, req_e, req_ntok, T, H, full, x):
-    # As run_demand (same result tuple, counters and accumulators), with the policy as tables T, H,
-    # full; x int32[L]: each layer's state (0 = empty on entry), left at the final states.
+    # As run_demand (same result tuple, counters and accumulators), with the policy as flat_tables'
+    # T, H, full; x int32[L]: each layer's state as its row offset (0 = empty on entry), left at the
+    # final states.
     cnt = ctl[8]
     acc = tl[2]
     S = decode.shape[0]
@@ -167,9 +177,9 @@ def run_table(ctl, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, req_ptr, req_e, req_
             xs = x[l]
             for i in range(a, b):
                 e = req_e[i]
-                h = H[xs, e]
+                h = H[xs + e]
                 n_evict += (1 - h) * full[xs]
-                xs = T[xs, e]
+                xs = T[xs + e]
                 n_hit += h
                 hf = np.float64(h)
                 if one:
