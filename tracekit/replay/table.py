@@ -188,10 +188,12 @@ def run_table(ctl, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, req_ptr, req_e, req_
                     f = interp(ffn_tok, ffn_s, req_ntok[i])
                     fch = f / ch
                 # miss: engine = max(t_route, engine) + dur, end = max(t + f, engine + f / ch);
-                # hit: engine unchanged, end = t + f (the 1e300 term loses both maxes)
-                engine = max(engine, max(t_route, engine) + dur - BIG * hf)
+                # hit: engine unchanged, end = t + f (the -1e300 terms lose both maxes). x - 0.0 == x,
+                # so a miss adds exactly dur and f / ch; the terms are formed off the time chain
+                big = BIG * hf
+                engine = max(engine, max(t_route, engine) + (dur - big))
                 tf = t + f
-                end = max(tf, engine + fch - BIG * hf)
+                end = max(tf, engine + (fch - big))
                 stall += end - tf
                 copy += dur * (1.0 - hf)
                 nbytes += eb * (1.0 - hf)
