@@ -1,9 +1,9 @@
 """trajectory: the study's centroid lookahead, a prefetching policy (needs hidden states).
 
 State, learned online in `observe` (hidden states arrive as float32, maths in float64):
-  cen[l, e, D]  running mean of the hidden states (entering layer l) of tokens routed to e at l
-  cenT[l, D, e] the same, transposed (so that predict's E dot products run side by side)
-  norm[l, e]    |cen[l, e]| (sqrt of the squares summed in d order), kept up to date by observe
+  cent[l, D, e] running mean of the hidden states (entering layer l) of tokens routed to e at l,
+                stored transposed so that predict's E dot products run side by side
+  norm[l, e]    |cent[l, :, e]| (sqrt of the squares summed in d order), kept up to date by observe
   cnt[l, e]     tokens routed to e at l
   nobs[l]       tokens observed at layer l
 After a token finishes layer l with hidden state h, and once at least `warmup` tokens
@@ -38,20 +38,18 @@ def make_state(ctx):
     L, E, D = ctx.num_layers, ctx.num_experts, ctx.hidden_dim
     warmup = int(ctx.params.get("warmup", WARMUP))
     return (np.zeros((L, E), dtype=np.int64),          # 0 last use [L, E]
-            np.zeros((L, E, D), dtype=np.float64),     # 1 centroids [L, E, D]
+            np.zeros((L, D, E), dtype=np.float64),     # 1 centroids, transposed [L, D, E]
             np.zeros((L, E), dtype=np.int64),          # 2 tokens per expert [L, E]
             np.zeros(L, dtype=np.int64),               # 3 tokens observed per layer [L]
             np.array([max(1, ctx.depth or ctx.top_k), warmup], dtype=np.int64),  # 4 depth, warmup
             np.zeros(E, dtype=np.float64),             # 5 score scratch [E]
             np.zeros(E, dtype=np.int8),                # 6 valid-score scratch [E]
-            np.zeros((L, E), dtype=np.float64),        # 7 centroid norms [L, E]
-            np.zeros((L, D, E), dtype=np.float64))     # 8 centroids, transposed [L, D, E]
+            np.zeros((L, E), dtype=np.float64))        # 7 centroid norms [L, E]
 
 
 @njit(cache=True)
 def observe(st, l, ex, hid):
-    cen, cnt, nobs, norm, cent = st[1], st[2], st[3], st[7], st[8]
-    D = hid.shape[0]
+    cent, cnt, nobs, norm = st[1], st[2], st[3], st[7]
     nobs[l] += 1
     for k in range(ex.shape[0]):
         e = ex[k]
@@ -59,38 +57,21 @@ def observe(st, l, ex, hid):
             continue
         cnt[l, e] += 1
         n = float(cnt[l, e])
-        for d in range(D):
-            cen[l, e, d] += (float(hid[d]) - cen[l, e, d]) / n
-    # the updated centroids' norms (squares summed in d order) and transposed copies, two experts
-    # at a time so that two sums run side by side
-    k = 0
-    while k < ex.shape[0]:
-        e, f = ex[k], ex[k + 1] if k + 1 < ex.shape[0] else -1
-        k += 2
-        if e < 0:
-            e, f = f, -1
-        if e < 0:
-            continue
-        if f < 0:
-            f = e                                 # one expert left: compute it twice
-        ce, cf = cen[l, e], cen[l, f]             # [D]
-        se = sf = 0.0
-        for d in range(D):
-            se += ce[d] * ce[d]
-            sf += cf[d] * cf[d]
-            cent[l, d, e] = ce[d]
-            cent[l, d, f] = cf[d]
-        norm[l, e] = math.sqrt(se)
-        norm[l, f] = math.sqrt(sf)
+        sq = 0.0
+        for d in range(hid.shape[0]):             # the running mean, and its squares in d order
+            c = cent[l, d, e] + (float(hid[d]) - cent[l, d, e]) / n
+            cent[l, d, e] = c
+            sq += c * c
+        norm[l, e] = math.sqrt(sq)
 
 
 @njit(cache=True)
 def predict(st, l, ex, hid, out):
-    cnt, nobs, par, score, ok, norm, cent = st[2], st[3], st[4], st[5], st[6], st[7], st[8]
+    cent, cnt, nobs, par, score, ok, norm = st[1], st[2], st[3], st[4], st[5], st[6], st[7]
     t = l + 1
     if t >= cnt.shape[0] or nobs[t] < par[1]:
         return 0
-    hh = dot_in_d_order(cent[t], hid, score)      # score[e] = sum_d h[d] * cen[t, e, d]; hh = |h|^2
+    hh = dot_in_d_order(cent[t], hid, score)      # score[e] = sum_d h[d] * cent[t, d, e]; hh = |h|^2
     if hh == 0.0:
         return 0
     hn = math.sqrt(hh)
