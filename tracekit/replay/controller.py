@@ -24,6 +24,7 @@ Prefetch semantics (deterministic, independent of timing, so replay and live agr
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 HIT, MISS, PREFETCH, CPU = 0, 1, 2, 3     # CPU: a hybrid miss computed on the host, not cached
 # counters
@@ -35,6 +36,20 @@ COUNTER_NAMES = ("requests", "hits", "decode_requests", "decode_hits", "demand_t
                  "decode_transfers", "evictions", "transfers", "cpu_misses", "decode_cpu_misses")
 # qstate slots: ring positions of the queue's head and tail (wrapped), in flight, cap, clock, length
 Q_HEAD, Q_TAIL, Q_INFLIGHT, Q_CAP, Q_CLOCK, Q_LEN = range(6)
+
+
+@njit(cache=True, inline="always")
+def add_demand_counts(ctl, n_req, n_hit, n_dreq, n_dhit, n_xfer, n_dxfer, n_evict):
+    # the counters of a demand-only loop (every transfer is a demand transfer)
+    cnt = ctl[8]
+    cnt[C_REQ] += n_req
+    cnt[C_HIT] += n_hit
+    cnt[C_DREQ] += n_dreq
+    cnt[C_DHIT] += n_dhit
+    cnt[C_DEMAND] += n_xfer
+    cnt[C_XFER] += n_xfer
+    cnt[C_DEC_XFER] += n_dxfer
+    cnt[C_EVICT] += n_evict
 
 
 def new_controller(L: int, E: int, C: int, cap: int, pred_rows: int = 256):

@@ -142,6 +142,19 @@ def expert_end(t, f, ready, ch):
     return max(t + f, ready + f / ch)
 
 
+@njit(cache=True, inline="always")
+def demand_acc(tl):
+    # the accumulators the fused demand loops keep in registers: (stall, compute, copy, bytes, engine)
+    acc = tl[2]
+    return acc[A_STALL], acc[A_COMPUTE], acc[A_COPY], acc[A_BYTES], acc[A_ENGINE]
+
+
+@njit(cache=True, inline="always")
+def store_demand_acc(tl, stall, compute, copy, nbytes, engine):
+    acc = tl[2]
+    acc[A_STALL], acc[A_COMPUTE], acc[A_COPY], acc[A_BYTES], acc[A_ENGINE] = stall, compute, copy, nbytes, engine
+
+
 def new_timeline(L: int, E: int, C: int):
     # ready[L, E]: when each expert's copy lands; slot_free[L, C]; accumulators (A_*)
     return (np.zeros((L, E)), np.zeros((L, C)), np.zeros(8))

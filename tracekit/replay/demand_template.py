@@ -18,28 +18,16 @@ are not kept; its accumulators are.
 import numpy as np
 from numba import njit
 
-from tracekit.replay.controller import (
-    C_DEC_XFER,
-    C_DEMAND,
-    C_DHIT,
-    C_DREQ,
-    C_EVICT,
-    C_HIT,
-    C_REQ,
-    C_XFER,
-)
+from tracekit.replay.controller import add_demand_counts
 from tracekit.replay.cost import (
-    A_BYTES,
-    A_COMPUTE,
-    A_COPY,
-    A_ENGINE,
-    A_STALL,
     P_BYTES,
     P_CHUNKS,
     attn_seconds,
     copy_duration,
+    demand_acc,
     expert_end,
     interp,
+    store_demand_acc,
 )
 
 
@@ -49,8 +37,7 @@ def run_demand(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, re
     # Same arguments and result as `run` (less the prefetch/hybrid ones):
     # (total_s, decode_s, decode_tokens, decode_stall_s, decode_compute_s); fills ctl's counters and
     # residency and tl's accumulators (tl[2]) as `run` does.
-    resident, slot_of, slot_owner, nres, cnt = ctl[0], ctl[1], ctl[2], ctl[3], ctl[8]
-    acc = tl[2]
+    resident, slot_of, slot_owner, nres = ctl[0], ctl[1], ctl[2], ctl[3]
     S = decode.shape[0]
     L = tok_ex.shape[1]
     C = slot_owner.shape[1]
@@ -58,11 +45,7 @@ def run_demand(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, re
     ch = sc[P_CHUNKS]
     f1 = interp(ffn_tok, ffn_s, 1)
     n_req = n_hit = n_dreq = n_dhit = n_xfer = n_dxfer = n_evict = 0
-    stall = acc[A_STALL]
-    compute = acc[A_COMPUTE]
-    copy = acc[A_COPY]
-    nbytes = acc[A_BYTES]
-    engine = acc[A_ENGINE]
+    stall, compute, copy, nbytes, engine = demand_acc(tl)
     cursor = 0.0
     dec_time = 0.0
     dec_tok = 0
@@ -131,13 +114,6 @@ def run_demand(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, re
             dec_tok += ntok
             dec_stall += stall - stall0
             dec_compute += compute - comp0
-    cnt[C_REQ] += n_req
-    cnt[C_HIT] += n_hit
-    cnt[C_DREQ] += n_dreq
-    cnt[C_DHIT] += n_dhit
-    cnt[C_DEMAND] += n_xfer
-    cnt[C_XFER] += n_xfer
-    cnt[C_DEC_XFER] += n_dxfer
-    cnt[C_EVICT] += n_evict
-    acc[A_STALL], acc[A_COMPUTE], acc[A_COPY], acc[A_BYTES], acc[A_ENGINE] = stall, compute, copy, nbytes, engine
+    add_demand_counts(ctl, n_req, n_hit, n_dreq, n_dhit, n_xfer, n_dxfer, n_evict)
+    store_demand_acc(tl, stall, compute, copy, nbytes, engine)
     return cursor, dec_time, dec_tok, dec_stall, dec_compute

@@ -28,27 +28,15 @@ from numba import njit
 
 from tracekit.policies import PolicyContext, PolicySpec
 from tracekit.policies.base import NEVER
-from tracekit.replay.controller import (
-    C_DEC_XFER,
-    C_DEMAND,
-    C_DHIT,
-    C_DREQ,
-    C_EVICT,
-    C_HIT,
-    C_REQ,
-    C_XFER,
-)
+from tracekit.replay.controller import add_demand_counts
 from tracekit.replay.cost import (
-    A_BYTES,
-    A_COMPUTE,
-    A_COPY,
-    A_ENGINE,
-    A_STALL,
     P_BYTES,
     P_CHUNKS,
     attn_seconds,
     copy_duration,
+    demand_acc,
     interp,
+    store_demand_acc,
 )
 
 MAX_STATES = 4096
@@ -140,8 +128,6 @@ def run_table(ctl, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, req_ptr, req_e, req_
     # As run_demand (same result tuple, counters and accumulators), with the policy as flat_tables'
     # T, H, full; x int32[L]: each layer's state as its row offset (0 = empty on entry), left at the
     # final states.
-    cnt = ctl[8]
-    acc = tl[2]
     S = decode.shape[0]
     L = x.shape[0]
     BIG = 1e300
@@ -150,12 +136,8 @@ def run_table(ctl, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, req_ptr, req_e, req_
     eb = sc[P_BYTES]
     f1 = interp(ffn_tok, ffn_s, 1)
     f1ch = f1 / ch
-    n_req = n_hit = n_dreq = n_dhit = n_evict = n_dxfer = 0
-    stall = acc[A_STALL]
-    compute = acc[A_COMPUTE]
-    copy = acc[A_COPY]
-    nbytes = acc[A_BYTES]
-    engine = acc[A_ENGINE]
+    n_req = n_hit = n_dreq = n_dhit = n_evict = 0
+    stall, compute, copy, nbytes, engine = demand_acc(tl)
     cursor = 0.0
     dec_time = 0.0
     dec_tok = 0
@@ -212,13 +194,6 @@ def run_table(ctl, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, req_ptr, req_e, req_
             dec_compute += compute - comp0
     n_xfer = n_req - n_hit
     n_dxfer = n_dreq - n_dhit
-    cnt[C_REQ] += n_req
-    cnt[C_HIT] += n_hit
-    cnt[C_DREQ] += n_dreq
-    cnt[C_DHIT] += n_dhit
-    cnt[C_DEMAND] += n_xfer
-    cnt[C_XFER] += n_xfer
-    cnt[C_DEC_XFER] += n_dxfer
-    cnt[C_EVICT] += n_evict
-    acc[A_STALL], acc[A_COMPUTE], acc[A_COPY], acc[A_BYTES], acc[A_ENGINE] = stall, compute, copy, nbytes, engine
+    add_demand_counts(ctl, n_req, n_hit, n_dreq, n_dhit, n_xfer, n_dxfer, n_evict)
+    store_demand_acc(tl, stall, compute, copy, nbytes, engine)
     return cursor, dec_time, dec_tok, dec_stall, dec_compute
