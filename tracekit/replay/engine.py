@@ -65,17 +65,16 @@ def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *,
     table_ok = demand_ok and tbl.applies(spec, plan.E, capacity)
     if engine == "table" and not table_ok:
         raise ValueError(f"the table engine cannot run {spec.name} at E={plan.E}, C={capacity}")
-    mod = engine_module(spec)
     if table_ok and engine in ("auto", "table"):
-        T, H, full, residents = tbl.build_table(spec, plan.E, capacity)
+        T, H, full, residents = tbl.run_tables(spec, plan.E, capacity)
         x = np.zeros(plan.L, dtype=np.int32)
         res = tbl.run_table(ctl, tl, sc, ffn_tok, ffn_s, plan.tok_ptr, plan.decode, plan.req_ptr, plan.req_e,
-                            plan.req_ntok, *tbl.flat_tables(T, H, full), x)
+                            plan.req_ntok, T, H, full, x)
         tbl.fill_residency(ctl, x, residents)
     elif demand_ok and engine != "controller":
-        res = mod.run_demand(*args, spec.observes)
+        res = engine_module(spec).run_demand(*args, spec.observes)
     else:
-        res = mod.run(*args, spec.prefetches, spec.observes, hybrid, cpu_tok, cpu_s, ctlmod.action_rows(ctl))
+        res = engine_module(spec).run(*args, spec.prefetches, spec.observes, hybrid, cpu_tok, cpu_s, ctlmod.action_rows(ctl))
     total, dec_s, dec_tok, dec_stall, dec_comp = res
     acc = tl[2]
     return ReplayResult(ctlmod.counters_dict(ctl), float(total), float(dec_s), int(dec_tok),

@@ -51,7 +51,6 @@ def applies(spec: PolicySpec, E: int, C: int) -> bool:
     return spec.order_state and not spec.prefetches and not spec.observes and n_states(E, C) <= MAX_STATES
 
 
-@lru_cache(maxsize=64)
 def build_table(spec: PolicySpec, E: int, C: int):
     """-> (T int32[S, E], H int8[S, E], full int8[S], residents: list of slot-order lists per state)."""
     ctx = PolicyContext(1, E, C, 1, 0, "none", None, 1, {})
@@ -101,6 +100,14 @@ def build_table(spec: PolicySpec, E: int, C: int):
         H.append(row_h)
     full = np.array([len(sl) == C for _, sl in reps], dtype=np.int8)
     return (np.array(T, dtype=np.int32), np.array(H, dtype=np.int8), full, [sl for _, sl in reps])
+
+
+@lru_cache(maxsize=64)
+def run_tables(spec: PolicySpec, E: int, C: int):
+    """build_table in run_table's layout, built once per (policy, E, C):
+    -> (T, H, full as flat_tables gives them, residents)."""
+    T, H, full, residents = build_table(spec, E, C)
+    return (*flat_tables(T, H, full), residents)
 
 
 def fill_residency(ctl, x, residents) -> None:
