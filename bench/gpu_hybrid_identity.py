@@ -56,10 +56,6 @@ def forced(model, ids, ref):
     return am, gaps
 
 
-def first_diff(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-
-
 def restore(model, runner) -> None:
     """Put the experts back on the device from the runner's host store (so the model can run again)."""
     import torch
@@ -106,6 +102,7 @@ def main() -> int:
     from tracekit import policies as P
     from tracekit.live.backend import OffloadRunner, set_impl
     from tracekit.live.compare import load_with_extras
+    from tracekit.live.session import first_divergence
     from tracekit.record.models import load_model
     from tracekit.record.prompts import load_prompts
 
@@ -140,7 +137,7 @@ def main() -> int:
         out = [greedy(model, x, a.tokens) for x in ids]
         fo = [forced(model, x, r)[0] for x, r in zip(ids, ref)]
         dis = [(p, t) for p, (f, (am, _)) in enumerate(zip(fo, ref_forced)) for t in range(len(f)) if f[t] != am[t]]
-        v = {"free_first_divergence": [first_diff(o, r) for o, r in zip(out, ref)],
+        v = {"free_first_divergence": [first_divergence(o, r) for o, r in zip(out, ref)],
              "forced_disagreements": len(dis),
              "forced_gap_ulps_at_disagreements": [ref_forced[p][1][t] for p, t in dis]}
         res["variants"][name] = v

@@ -110,6 +110,11 @@ def _one(ex, spec, plan, tr, C, cap, p, shapes, hy, trace_path, log) -> dict:
     return r
 
 
+def first_divergence(a, b):
+    """Index of the first position where token lists a and b differ (None: identical up to the shorter)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
 def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: float = 16.0,
               random_weights: bool = False, prompts: str | None = None, layers: int | None = None,
               max_tokens: int = 32, device: str = "cuda", n_prompts: int = 2, log=print,
@@ -156,9 +161,7 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
     info = ld.info
     res = {"model": model, "layers": info["num_hidden_layers"], "policy": policy, "capacity": capacity,
            "cap": cap, "prompts": len(texts), "new_tokens": max_tokens, "identical": ref == off,
-           # per prompt: index of the first generated token that differs (None: identical)
-           "first_divergence": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                                for a, b in zip(ref, off)],
+           "first_divergence": [first_divergence(a, b) for a, b in zip(ref, off)],
            "resident_tok_s": ref_tps, "offloaded_tok_s": off_tps, "hit_rate":
            counters["hits"] / max(1, counters["requests"]), "counters": counters,
            "bytes_per_expert": info.get("bytes_per_expert"), "hybrid": hybrid,
@@ -168,4 +171,4 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
     return res
 
 
-__all__ = ["need_cuda", "prepare", "trace_sweep", "model_run", "shapes_from_config", "chunk_rows"]
+__all__ = ["need_cuda", "prepare", "trace_sweep", "model_run", "first_divergence", "shapes_from_config", "chunk_rows"]
