@@ -58,15 +58,15 @@ def _bare_lru(req_ptr, req_e, L, E, C):
     return hits
 
 
-def bare_lru(plan) -> float:
-    """Best-of-3 M requests/s of _bare_lru at C=2 (its hits are checked against replay's lru)."""
-    _bare_lru(plan.req_ptr, plan.req_e, plan.L, plan.E, 2)
+def best_rate(fn, count):
+    """Warm fn() up, then run it REPEAT times: -> (its last result, best count(result) per second)."""
+    fn()
     best = 0.0
     for _ in range(REPEAT):
         t = time.perf_counter()
-        hits = _bare_lru(plan.req_ptr, plan.req_e, plan.L, plan.E, 2)
-        best = max(best, plan.req_e.shape[0] / (time.perf_counter() - t))
-    return hits, best
+        r = fn()
+        best = max(best, count(r) / (time.perf_counter() - t))
+    return r, best
 
 
 def throughput(tokens: int, only: list[str] | None = None) -> list[tuple[str, int, float, str]]:
@@ -86,18 +86,14 @@ def throughput(tokens: int, only: list[str] | None = None) -> list[tuple[str, in
         spec = policies.get(name)
         if name in ("trajectory", "gate-lookahead") or (only and name not in only):
             continue                          # need hidden states; measured separately below
-        replay_one(spec, plan, 2, prof)       # JIT / cache load
-        best = 0.0
-        for _ in range(REPEAT):
-            t = time.perf_counter()
-            r = replay_one(spec, plan, 2, prof)
-            best = max(best, r.counters["requests"] / (time.perf_counter() - t))
+        r, best = best_rate(lambda: replay_one(spec, plan, 2, prof), lambda r: r.counters["requests"])
         engine = "controller" if spec.prefetches else "transition table" if applies(spec, plan.E, 2) else "demand loop"
         out.append((name, r.counters["requests"], best, engine))
         print(f"{name:15s} {best / 1e6:7.2f} M req/s", flush=True)
         lru_hits = r.counters["hits"] if name == "lru" else lru_hits
     if lru_hits is not None:
-        hits, rate = bare_lru(plan)
+        hits, rate = best_rate(lambda: _bare_lru(plan.req_ptr, plan.req_e, plan.L, plan.E, 2),
+                               lambda _: plan.req_e.shape[0])
         assert hits == lru_hits, (hits, lru_hits)
         out.append(("bare LRU loop (reference)", plan.req_e.shape[0], rate, "no cost model, no counters"))
         print(f"bare LRU loop   {rate / 1e6:7.2f} M req/s", flush=True)
@@ -110,12 +106,8 @@ def throughput(tokens: int, only: list[str] | None = None) -> list[tuple[str, in
         if only and name not in only:
             continue
         spec = policies.get(name)
-        replay_one(spec, plan_h, 2, prof, router=trh.router, hidden_kind="full")
-        rate = 0.0
-        for _ in range(REPEAT):
-            t = time.perf_counter()
-            r = replay_one(spec, plan_h, 2, prof, router=trh.router, hidden_kind="full")
-            rate = max(rate, r.counters["requests"] / (time.perf_counter() - t))
+        r, rate = best_rate(lambda: replay_one(spec, plan_h, 2, prof, router=trh.router, hidden_kind="full"),
+                            lambda r: r.counters["requests"])
         out.append((name + " (D=64)", r.counters["requests"], rate, "controller"))
         print(f"{name:15s} {rate / 1e6:7.2f} M req/s (hidden dim 64)", flush=True)
     return out
