@@ -29,7 +29,8 @@ def markdown(rows, card, prof) -> str:
     h = ("| trace | policy | C | hybrid | live tok/s | pred tok/s | pred/live | hybrid speed-up | hit | "
          "CPU share of misses | MB/token | stall ms/tok | CPU wait ms/tok | compute ms/tok | CPU ms/job | "
          "GB/s | = replay |")
-    out = [f"Card: {card}. CPU: {prof.get('cpu_threads')} torch threads; contention_copy "
+    out = [f"Card: {card}. CPU: {prof.get('cpu_threads')} threads, {prof.get('cpu_kernel', 'torch')} kernel; "
+           f"contention_copy "
            f"{prof.get('contention_copy')}, contention_cpu {prof.get('contention_cpu')}.", "", h,
            "|" + "---|" * (h.count("|") - 1)]
     base = {(r["trace"], r["policy"], r["capacity"]): r["live_tok_s"] for r in rows if not r["hybrid"]}
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--policies", default="lru,belady")
     ap.add_argument("--capacities", default="2,4")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cpu-kernel", default="fused", help="fused | torch (tracekit/live/host_ffn.py)")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
     import torch
@@ -75,7 +77,7 @@ def main() -> None:
         _, raw = load_with_extras(prof_path)
     else:
         _, raw = load_with_extras(a.base_profile)
-        hyb = calibrate_cpu(MIXTRAL, threads=a.threads, reps=3 if a.smoke else 5, log=log)
+        hyb = calibrate_cpu(MIXTRAL, threads=a.threads, reps=3 if a.smoke else 5, log=log, kernel=a.cpu_kernel)
         raw = dict(raw) | hyb
         raw["source"] = (raw.get("source", "").replace("; cpu_ffn_ms not measured", "") +
                          f"; hybrid keys (cpu_ffn_ms, cpu_threads, act_copy_us, contention_*) measured on {name} by "
@@ -96,7 +98,7 @@ def main() -> None:
     for tname in TRACES[:1] if a.smoke else TRACES:
         t1 = time.perf_counter()
         trace_sweep(os.path.join(a.traces, tname), a.policies.split(","), caps, 2, (0.0,), layers, maxtok,
-                    prof_path, "cuda", log=log, hybrids=(False, True), cpu_threads=a.threads,
+                    prof_path, "cuda", log=log, hybrids=(False, True), cpu_threads=a.threads, cpu_kernel=a.cpu_kernel,
                     on_row=lambda r: (rows.append(r), dump()))
         log(f"{tname}: {time.perf_counter() - t1:.1f} s")
     md = markdown(rows, name, raw)

@@ -32,9 +32,15 @@ def live(
     dry_run: bool = typer.Option(False, help="bookkeeping only (no GPU): counters as live/replay count them"),
     hybrid: bool = typer.Option(False, help="each miss is copied or computed on the host CPU, as replay's cost "
                                 "model (--profile, which needs cpu_ffn_ms) decides"),
-    cpu_threads: Optional[int] = typer.Option(None, help="torch threads of the CPU-miss worker (default: cores - 1)"),
+    cpu_threads: Optional[int] = typer.Option(None, help="threads of the CPU-miss worker (default: cores - 1)"),
+    cpu_kernel: str = typer.Option("fused", help="CPU-miss kernel: fused (one pass over the weights, numba; "
+                                   "torch's matmuls above 8 tokens) | torch"),
 ) -> None:
     """Execute a policy's decisions with pinned experts, real copies and real FFNs; compare with replay."""
+    from tracekit.live.host_ffn import KERNELS
+
+    if cpu_kernel not in KERNELS:
+        raise UserError(f"--cpu-kernel {cpu_kernel!r}: expected one of {', '.join(KERNELS)}")
     if fmt not in ("table", "json"):
         raise UserError(f"--format {fmt!r}: expected table or json")
     if chunk_mb != 0 and chunk_mb < 4:
@@ -58,7 +64,7 @@ def live(
             shapes = session.shapes_from_config(_config(model))
         rows = _interruptible(lambda: session.trace_sweep(
             trace, [policy], [capacity], cap, (chunk_mb,), layers, max_tokens, profile, device, dry_run,
-            shapes, log=_log, hybrids=(hybrid,), cpu_threads=cpu_threads))
+            shapes, log=_log, hybrids=(hybrid,), cpu_threads=cpu_threads, cpu_kernel=cpu_kernel))
         return _print_rows(rows, fmt)
     if hybrid and cpu_threads:
         raise UserError("--cpu-threads applies to the trace-driven CPU worker; model-driven --hybrid computes "

@@ -13,9 +13,10 @@ import pytest
 
 from tracekit import policies as P
 from tracekit.errors import UserError
-from tracekit.live.cpu_worker import cpu_ffn, default_threads
+from tracekit.live.cpu_worker import default_threads
 from tracekit.live.executor import Shapes, TraceExecutor, make_context
 from tracekit.live.ffn import ffn_rows
+from tracekit.live.host_ffn import FUSED_MAX_TOKENS, HostFFN
 from tracekit.live.store import ExpertStore
 from tracekit.replay.cost import load_profile
 from tracekit.replay.engine import replay_one
@@ -88,16 +89,18 @@ def _eager_expert(x, gate_up, down):
     return torch.nn.functional.linear(torch.nn.functional.silu(g) * u, down)
 
 
-def test_cpu_expert_equals_gpu_path_bf16():
-    # The CPU worker's expert (host, bf16, live layout) against the GPU path's math (ffn_rows, float32
+@pytest.mark.parametrize("kernel,n", [("fused", 1), ("fused", 3), ("fused", FUSED_MAX_TOKENS + 1), ("torch", 3)])
+def test_cpu_expert_equals_gpu_path_bf16(kernel, n):
+    # The CPU worker's expert (host, bf16, live layout; the fused numba kernel up to FUSED_MAX_TOKENS
+    # tokens, torch's matmuls above, or torch's always) against the GPU path's math (ffn_rows, float32
     # reference) and against transformers' eager expert on the same weights: equal within bf16 tolerance.
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(0)
-    H, F, n = 64, 160, 3
+    H, F = 64, 160
     w = (torch.randn(F, 3, H, generator=g) * 0.05).to(torch.bfloat16)
     x = torch.randn(n, H, generator=g).to(torch.bfloat16)
-    out = torch.empty(n, H, dtype=torch.bfloat16)
-    cpu_ffn(x, w, out)
+    out = torch.full((n, H), float("nan"), dtype=torch.bfloat16)
+    HostFFN(H, 2, kernel)(x, w, out)
     ref = torch.zeros(n, H)
     ffn_rows(x.float(), w.float(), ref, 0, F)
     gpu_path = torch.zeros(n, H, dtype=torch.bfloat16)
@@ -107,6 +110,34 @@ def test_cpu_expert_equals_gpu_path_bf16():
     assert torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-2 * scale)
     assert torch.allclose(out.float(), gpu_path.float(), rtol=2e-2, atol=2e-2 * scale)
     assert torch.allclose(eager, ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_fused_kernel_rounds_as_torch_bf16():
+    # the fused kernel's bf16 handling (bits -> float32, float32 -> nearest even bf16) equals torch's
+    torch = pytest.importorskip("torch")
+    from numba import njit
+
+    from tracekit.live.host_ffn import _bf16_bits, _bits_to_f32
+
+    @njit
+    def rt(a, bits, back):
+        for i in range(a.shape[0]):
+            bits[i] = _bf16_bits(a[i])
+            back[i] = _bits_to_f32(bits[i])
+
+    a = torch.randn(100_000, generator=torch.Generator().manual_seed(1)) * 37.0
+    a[:4] = torch.tensor([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -0.0, 0.0])    # ties to even, zeros
+    bits = np.empty(a.numel(), np.uint16)
+    back = np.empty(a.numel(), np.float32)
+    rt(a.numpy(), bits, back)
+    expect = a.to(torch.bfloat16)
+    assert np.array_equal(bits, expect.view(torch.int16).numpy().view(np.uint16))
+    assert np.array_equal(back, expect.float().numpy())
+
+
+def test_host_ffn_rejects_unknown_kernel():
+    with pytest.raises(UserError, match="CPU kernel"):
+        HostFFN(64, 1, "blas")
 
 
 def test_worker_threads_default():

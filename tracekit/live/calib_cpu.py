@@ -1,7 +1,8 @@
 """Calibration of the hybrid path: host-CPU expert FFN time, activation round trip, and contention.
 
-  cpu_ffn_ms        one expert's FFN on the host (bf16, live layout, pinned store weights, `threads`
-                    torch threads in a worker thread as live uses them) for 1..B tokens
+  cpu_ffn_ms        one expert's FFN on the host (bf16, live layout, pinned store weights, the CPU
+                    worker's kernel (tracekit.live.host_ffn) with `threads` threads, in a worker
+                    thread as live uses them) for 1..B tokens; cpu_kernel, cpu_threads: which
   act_copy_us       half of a hidden-state round trip (1 token): compute-stream event -> D2H on its
                     own stream -> host waits -> H2D on the compute stream -> done, while a large
                     expert copy is in flight (as in live), host clock
@@ -17,10 +18,11 @@ import time
 
 
 def calibrate_cpu(shapes, batch=(1, 2, 4, 8, 16, 32, 64, 128), threads: int | None = None, reps: int = 5,
-                  log=print, max_ms: float = 400.0) -> dict:
+                  log=print, max_ms: float = 400.0, kernel: str = "fused") -> dict:
     import torch
 
-    from tracekit.live.cpu_worker import cpu_ffn, default_threads
+    from tracekit.live.cpu_worker import default_threads
+    from tracekit.live.host_ffn import HostFFN
     from tracekit.live.store import ExpertStore
 
     threads = threads or default_threads()
@@ -34,10 +36,11 @@ def calibrate_cpu(shapes, batch=(1, 2, 4, 8, 16, 32, 64, 128), threads: int | No
         x = torch.randn(max(batch), shapes.H).to(torch.bfloat16)
         y = torch.empty(max(batch), shapes.H, dtype=torch.bfloat16)
         k = [0]
+        ffn = HostFFN(shapes.H, threads, kernel)
 
         def cpu_once(n=1):
             t0 = time.perf_counter()
-            cpu_ffn(x[:n], W[k[0] % 4], y[:n])
+            ffn(x[:n], W[k[0] % 4], y[:n])
             k[0] += 1
             return (time.perf_counter() - t0) * 1e3
 
@@ -59,9 +62,11 @@ def calibrate_cpu(shapes, batch=(1, 2, 4, 8, 16, 32, 64, 128), threads: int | No
         th.start()
         th.join()
         alone_cpu = res.pop("_alone")
-        log(f"CPU FFN ms per expert ({threads} threads): " + ", ".join(f"{n}: {v}" for n, v in res.items()))
+        log(f"CPU FFN ms per expert ({threads} threads, {kernel} kernel): " +
+            ", ".join(f"{n}: {v}" for n, v in res.items()))
         out["cpu_ffn_ms"] = res
         out["cpu_threads"] = threads
+        out["cpu_kernel"] = kernel
 
         dst = torch.empty(shapes.numel, dtype=torch.bfloat16, device=dev)
         cs = torch.cuda.Stream()

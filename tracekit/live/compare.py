@@ -108,4 +108,5 @@ def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_n
         "cpu_busy_ms_per_token": live.cpu_busy_s / n * 1e3,
         "cpu_ms_per_job": live.cpu_busy_s / live.cpu_jobs * 1e3 if live.cpu_jobs else float("nan"),
         "cpu_threads": live.extra.get("cpu_threads", 0),
+        "cpu_kernel": live.extra.get("cpu_kernel", ""),
     }

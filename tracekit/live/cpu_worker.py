@@ -6,9 +6,10 @@ engine_free / cpu_free estimates feed the SAME `serve_hybrid` (tracekit.replay.j
 profile, so live sends exactly the misses to the CPU that replay sends: the counters (hits,
 transfers, cpu_misses) are equal by construction; only the measured times differ.
 
-CpuWorker: one Python thread that computes CPU misses on the pinned host experts (bf16), with
-torch's intra-op threads set inside it (default: usable cores minus one, the main thread keeps one).
-torch CPU ops release the GIL, so the main thread keeps enqueueing GPU work meanwhile. Per job:
+CpuWorker: one Python thread that computes CPU misses on the pinned host experts (bf16) with
+tracekit.live.host_ffn (the fused numba kernel for a few tokens, torch's matmuls above), its numba
+and torch threads set inside it (default: usable cores minus one, the main thread keeps one).
+Both release the GIL, so the main thread keeps enqueueing GPU work meanwhile. Per job:
 wait on the event of the hidden state's device->host copy (in this thread: the main thread never
 synchronizes for it), FFN on the host, signal done. The main thread waits for a job only where the
 layer needs the result, then copies it host->device on the compute stream and adds it.
@@ -28,17 +29,6 @@ def default_threads() -> int:
     except AttributeError:          # pragma: no cover - non-Linux
         n = os.cpu_count() or 2
     return max(1, n - 1)
-
-
-def cpu_ffn(x, w, out) -> None:
-    """out[n, H] = FFN of expert w [F, 3, H] (live layout) on x [n, H], on the host (bf16, no copies
-    of w: the strided gate/up/down views go to the BLAS with their leading dimension)."""
-    import torch
-    import torch.nn.functional as Fn
-
-    g = torch.mm(x, w[:, 0].t())
-    u = torch.mm(x, w[:, 1].t())
-    torch.mm(Fn.silu(g).mul_(u), w[:, 2], out=out)
 
 
 class HybridClock:
@@ -89,11 +79,13 @@ class _Job:
 class CpuWorker:
     """Host FFNs for CPU misses. `xh` [T, H] and `yh` [E, T, H] per layer parity, pinned when on CUDA."""
 
-    def __init__(self, shapes, max_tokens: int, device="cuda", threads: int | None = None):
+    def __init__(self, shapes, max_tokens: int, device="cuda", threads: int | None = None,
+                 kernel: str = "fused"):
         import torch
 
         self.cuda = torch.device(device).type == "cuda"
         self.threads = threads or default_threads()
+        self.kernel, self.H = kernel, shapes.H
         T, H, E = max(1, max_tokens), shapes.H, shapes.E
         pin = self.cuda
         self.xh = [torch.empty((T, H), dtype=torch.bfloat16, pin_memory=pin) for _ in range(2)]
@@ -109,7 +101,13 @@ class CpuWorker:
     def _main(self) -> None:
         import torch
 
+        from tracekit.live.host_ffn import HostFFN
+
         torch.set_num_threads(self.threads)
+        try:
+            ffn = HostFFN(self.H, self.threads, self.kernel)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by collect()
+            self._err, ffn = exc, None
         while True:
             item = self._q.get()
             if item is None:
@@ -118,8 +116,10 @@ class CpuWorker:
             try:
                 if ev is not None:
                     ev.synchronize()            # the hidden state's D2H (this thread only)
+                if ffn is None:
+                    raise self._err
                 t0 = time.perf_counter()
-                cpu_ffn(x, w, y)
+                ffn(x, w, y)
                 job.seconds = time.perf_counter() - t0
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by wait()
                 self._err = exc

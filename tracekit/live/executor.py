@@ -97,9 +97,9 @@ class TraceExecutor:
 
     def __init__(self, shapes: Shapes, C: int, device="cuda", store=None, *, chunk_mb: float = 16.0,
                  rows: list | None = None, timing: bool = True, dry: bool = False, max_tokens: int = 512,
-                 cpu_threads: int | None = None):
+                 cpu_threads: int | None = None, cpu_kernel: str = "fused"):
         self.shapes, self.C, self.dry = shapes, C, dry
-        self.cpu_threads, self.worker = cpu_threads, None
+        self.cpu_threads, self.cpu_kernel, self.worker = cpu_threads, cpu_kernel, None
         self.rows = rows or chunk_rows(shapes.F, shapes.H, chunk_mb)
         self.bounds = [f0 * 3 * shapes.H for f0, _ in self.rows] + [shapes.numel]
         self.device, self.timing, self.store = device, timing, store
@@ -129,7 +129,8 @@ class TraceExecutor:
         if hybrid is not None and not self.dry and self.worker is None:
             from tracekit.live.cpu_worker import CpuWorker
 
-            self.worker = CpuWorker(self.shapes, self.x.shape[0], self.device, self.cpu_threads)
+            self.worker = CpuWorker(self.shapes, self.x.shape[0], self.device, self.cpu_threads,
+                                    self.cpu_kernel)
         if warmup_steps and not self.dry:
             self._loop(spec, plan, capacity, cap, ctx, min(warmup_steps, plan.num_steps), False, hybrid)
         return self._loop(spec, plan, capacity, cap, ctx, plan.num_steps, self.timing, hybrid)
@@ -221,6 +222,7 @@ class TraceExecutor:
             res.cpu_jobs = len(dj)
             res.cpu_busy_s = float(sum(j.seconds for j in dj))
             res.extra["cpu_threads"] = self.worker.threads
+            res.extra["cpu_kernel"] = self.worker.kernel
         res.bytes_total = float(step_bytes.sum()) if cp is not None else \
             float(res.counters["transfers"] * self.shapes.expert_bytes)
         res.bytes_decode = float(step_bytes[decode[:S] == 1].sum()) if cp is not None else \

@@ -54,7 +54,7 @@ def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap
                 chunk_mbs: tuple = (16.0,), layers: int | None = None, max_tokens: int | None = 100,
                 profile: str = "h100-pcie5", device: str = "cuda", dry: bool = False,
                 shapes: Shapes = MIXTRAL, store=None, log=print, hybrids: tuple = (False,),
-                cpu_threads: int | None = None, on_row=None) -> list[dict]:
+                cpu_threads: int | None = None, on_row=None, cpu_kernel: str = "fused") -> list[dict]:
     """One row per (capacity, chunking, policy, hybrid): live beside replay's prediction.
     Hybrid runs decide CPU vs copy with replay's cost model and the same profile as the prediction."""
     from tracekit import policies as P
@@ -71,7 +71,8 @@ def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap
         for C in capacities:
             for cmb in chunk_mbs:
                 ex = TraceExecutor(shapes, C, device, store, chunk_mb=cmb, dry=dry,
-                                   max_tokens=int(max(plan.tok_ptr[1:] - plan.tok_ptr[:-1])), cpu_threads=cpu_threads)
+                                   max_tokens=int(max(plan.tok_ptr[1:] - plan.tok_ptr[:-1])), cpu_threads=cpu_threads,
+                                   cpu_kernel=cpu_kernel)
                 p = profile_for(prof, len(ex.rows), cmb, raw)
                 try:
                     for name in policies:
