@@ -147,11 +147,17 @@ class HostFFN:
         self.kernel = kernel
         self.max_fused = FUSED_MAX_TOKENS if kernel == "fused" else 0
         self.threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
-        self.part = np.zeros((self.threads, FUSED_MAX_TOKENS, H), dtype=np.float32)
+        self.H = H
+        self.part = np.zeros(self.threads * FUSED_MAX_TOKENS * H, dtype=np.float32)
         if self.max_fused:
             numba.set_num_threads(self.threads)
-            ffn_fused(np.zeros((1, H), np.float32), np.zeros((1, 3, H), np.uint16), self.part[:, :1],
+            ffn_fused(np.zeros((1, H), np.float32), np.zeros((1, 3, H), np.uint16), self._part(1),
                       np.zeros((1, H), np.uint16))
+
+    def _part(self, n: int) -> np.ndarray:
+        # C-contiguous [threads, n, H] (a slice [:, :n] of a [threads, 8, H] array is not, and numba then
+        # does not vectorize the down projection's accumulation)
+        return self.part[: self.threads * n * self.H].reshape(self.threads, n, self.H)
 
     def __call__(self, x, w, out) -> None:
         n = x.shape[0]
@@ -165,4 +171,4 @@ class HostFFN:
         xf = x.to(torch.float32).numpy()
         wb = w.view(torch.int16).numpy().view(np.uint16)
         ob = out.view(torch.int16).numpy().view(np.uint16)
-        ffn_fused(xf, wb, self.part[:, :n], ob)
+        ffn_fused(xf, wb, self._part(n), ob)
