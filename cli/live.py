@@ -34,7 +34,7 @@ def live(
                                 "model (--profile, which needs cpu_ffn_ms) decides"),
     cpu_threads: Optional[int] = typer.Option(None, help="threads of the CPU-miss worker (default: cores - 1)"),
     cpu_kernel: str = typer.Option("fused", help="CPU-miss kernel: fused (one pass over the weights, numba; "
-                                   "torch's matmuls above 8 tokens) | torch"),
+                                   "torch's matmuls above 2 tokens) | torch"),
 ) -> None:
     """Execute a policy's decisions with pinned experts, real copies and real FFNs; compare with replay."""
     from tracekit.live.host_ffn import KERNELS

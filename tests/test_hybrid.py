@@ -89,7 +89,7 @@ def _eager_expert(x, gate_up, down):
     return torch.nn.functional.linear(torch.nn.functional.silu(g) * u, down)
 
 
-@pytest.mark.parametrize("kernel,n", [("fused", 1), ("fused", 3), ("fused", FUSED_MAX_TOKENS + 1), ("torch", 3)])
+@pytest.mark.parametrize("kernel,n", [("fused", 1), ("fused", FUSED_MAX_TOKENS), ("fused", FUSED_MAX_TOKENS + 1), ("torch", 3)])
 def test_cpu_expert_equals_gpu_path_bf16(kernel, n):
     # The CPU worker's expert (host, bf16, live layout; the fused numba kernel up to FUSED_MAX_TOKENS
     # tokens, torch's matmuls above, or torch's always) against the GPU path's math (ffn_rows, float32

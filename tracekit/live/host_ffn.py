@@ -25,7 +25,10 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-FUSED_MAX_TOKENS = 8        # above this, the host path uses torch's matmuls (compute, not reads)
+# Above this many tokens the host path uses torch's matmuls: the fused kernel converts each weight row
+# once per token, and on the H200 host's Xeon (15 threads, weights not in cache) it took 3.8 / 5.4 /
+# 8.6 ms for 1 / 2 / 4 tokens against torch's 7.0 / 6.5 / 6.8 ms (bench/host_read_bandwidth.py).
+FUSED_MAX_TOKENS = 2
 
 
 @intrinsic
