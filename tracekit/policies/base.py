@@ -77,12 +77,15 @@ class PolicySpec:
 @njit(cache=True, inline="always")
 def argmin_cand(score, cand, n):
     # score: float64[E] or int64[E]; cand[:n]: expert ids -> the one with the lowest score
-    # (ties: lowest id)
+    # (ties: lowest id). Written as selects, so that it compiles without branches.
     best = cand[0]
+    sb = score[best]
     for i in range(1, n):
         e = cand[i]
-        if score[e] < score[best] or (score[e] == score[best] and e < best):
-            best = e
+        s = score[e]
+        better = (s < sb) | ((s == sb) & (e < best))
+        best = e if better else best
+        sb = s if better else sb
     return best
 
 
@@ -90,10 +93,13 @@ def argmin_cand(score, cand, n):
 def argmax_cand(score, cand, n):
     # as argmin_cand, for the highest score (ties: lowest id)
     best = cand[0]
+    sb = score[best]
     for i in range(1, n):
         e = cand[i]
-        if score[e] > score[best] or (score[e] == score[best] and e < best):
-            best = e
+        s = score[e]
+        better = (s > sb) | ((s == sb) & (e < best))
+        best = e if better else best
+        sb = s if better else sb
     return best
 
 

@@ -69,11 +69,10 @@ def _take_slot(ctl, st, l, demand):
             if slot_owner[l, s] < 0:
                 return s, -1
     n = 0
-    for s in range(C):
+    for s in range(C):                    # branch-free: cand[n] is overwritten unless kept
         e = slot_owner[l, s]
-        if want[l, e] < 0:
-            cand[n] = e
-            n += 1
+        cand[n] = e
+        n += want[l, e] < 0
     if n == 0:
         if not demand:
             return -1, -1
@@ -154,10 +153,10 @@ def _serve(ctl, st, pos, l, req_e, a, b, now0, req_next, decode, act, hybrid, re
             cnt[C_HIT] += 1
             if decode:
                 cnt[C_DHIT] += 1
-            if pf[l, e] == 2:
-                cnt[C_PF_USED] += 1
-                q[Q_INFLIGHT] -= 1
-                pf[l, e] = 0
+            used = pf[l, e] == 2          # a resident expert's pf is 0 or 2 (branch-free)
+            cnt[C_PF_USED] += used
+            q[Q_INFLIGHT] -= used
+            pf[l, e] = 0
             on_access(st, l, e, True, now, req_next[i])
             n = _emit(act, n, HIT, l, e, slot_of[l, e], i)
         else:
@@ -183,16 +182,20 @@ def _serve(ctl, st, pos, l, req_e, a, b, now0, req_next, decode, act, hybrid, re
             if decode:
                 cnt[C_DEC_XFER] += 1
             n = _emit(act, n, MISS, l, e, s, i)
-    # retire predictions whose target (this step, this layer) has now been served
+    # retire predictions whose target (this step, this layer) has now been served (branch-free)
+    wasted = 0
+    dropped = 0
     for e in range(resident.shape[1]):
-        if want[l, e] >= 0 and want[l, e] <= pos:
-            if pf[l, e] == 2:
-                cnt[C_PF_WASTED] += 1
-                q[Q_INFLIGHT] -= 1
-            elif pf[l, e] == 1:
-                cnt[C_PF_DROPPED] += 1
-            pf[l, e] = 0
-            want[l, e] = -1
+        w = want[l, e]
+        done = (w >= 0) & (w <= pos)
+        p = pf[l, e]
+        wasted += done & (p == 2)
+        dropped += done & (p == 1)
+        pf[l, e] = 0 if done else p
+        want[l, e] = -1 if done else w
+    cnt[C_PF_WASTED] += wasted
+    cnt[C_PF_DROPPED] += dropped
+    q[Q_INFLIGHT] -= wasted
     return _issue(ctl, st, pos, decode, act, n)
 
 
