@@ -138,6 +138,10 @@ def test_fused_kernel_rounds_as_torch_bf16():
 def test_host_ffn_rejects_unknown_kernel():
     with pytest.raises(UserError, match="CPU kernel"):
         HostFFN(64, 1, "blas")
+    from tracekit.live.cpu_worker import CpuWorker
+
+    with pytest.raises(UserError, match="CPU kernel"):       # raised by the worker's constructor
+        CpuWorker(Shapes(1, 2, 64, 160, 16), 4, "cpu", threads=1, kernel="blas")
 
 
 def test_worker_threads_default():

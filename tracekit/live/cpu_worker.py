@@ -95,8 +95,14 @@ class CpuWorker:
         self.jobs: list = []            # every finished _Job (for timing)
         self._err: BaseException | None = None
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._ready = threading.Event()
         self._t = threading.Thread(target=self._main, name="tracekit-cpu-ffn", daemon=True)
         self._t.start()
+        self._ready.wait()      # the kernel is compiled (or loaded from numba's cache) before any job
+        if self._err is not None:
+            err = self._err
+            self.close()
+            raise err
 
     def _main(self) -> None:
         import torch
@@ -106,8 +112,9 @@ class CpuWorker:
         torch.set_num_threads(self.threads)
         try:
             ffn = HostFFN(self.H, self.threads, self.kernel)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by collect()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by __init__
             self._err, ffn = exc, None
+        self._ready.set()
         while True:
             item = self._q.get()
             if item is None:
@@ -116,8 +123,6 @@ class CpuWorker:
             try:
                 if ev is not None:
                     ev.synchronize()            # the hidden state's D2H (this thread only)
-                if ffn is None:
-                    raise self._err
                 t0 = time.perf_counter()
                 ffn(x, w, y)
                 job.seconds = time.perf_counter() - t0
