@@ -168,8 +168,9 @@ class Trajectory(Policy):
                 continue
             self.n[l, e] = self.n.get((l, e), 0) + 1
             m = self.mean.setdefault((l, e), [0.0] * len(hid))
+            inv = 1.0 / self.n[l, e]                  # c += (h - c) * (1 / n), as the policy's docstring says
             for d, x in enumerate(hid):
-                m[d] += (x - m[d]) / self.n[l, e]
+                m[d] += (x - m[d]) * inv
 
     def predict(self, l, ex, hid):
         t = l + 1

@@ -2,7 +2,9 @@
 
 State, learned online in `observe` (hidden states arrive as float32, maths in float64):
   cent[l, D, e] running mean of the hidden states (entering layer l) of tokens routed to e at l,
-                stored transposed so that predict's E dot products run side by side
+                stored transposed so that predict's E dot products run side by side; the n-th
+                token h routed to e updates it as c += (h - c) * (1.0 / n), in float64 (one
+                division per token and expert, not one per dimension)
   norm[l, e]    |cent[l, :, e]| (sqrt of the squares summed in d order), kept up to date by observe
   cnt[l, e]     tokens routed to e at l
   nobs[l]       tokens observed at layer l
@@ -56,10 +58,10 @@ def observe(st, l, ex, hid):
         if e < 0:
             continue
         cnt[l, e] += 1
-        n = float(cnt[l, e])
+        inv = 1.0 / float(cnt[l, e])
         sq = 0.0
         for d in range(hid.shape[0]):             # the running mean, and its squares in d order
-            c = cent[l, d, e] + (float(hid[d]) - cent[l, d, e]) / n
+            c = cent[l, d, e] + (float(hid[d]) - cent[l, d, e]) * inv
             cent[l, d, e] = c
             sq += c * c
         norm[l, e] = math.sqrt(sq)
