@@ -49,7 +49,7 @@ def live(
 
     P.get(policy)
     if calibrate:
-        return _calibrate(out, force)
+        return _calibrate(out, force, cpu_threads, cpu_kernel)
     if not trace and not model:
         raise UserError("give --trace T (trace-driven), --model M (model-driven) or --calibrate --out FILE")
     if not dry_run and device.startswith("cuda"):
@@ -108,20 +108,20 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _calibrate(out: Optional[str], force: bool = False) -> None:
+def _calibrate(out: Optional[str], force: bool = False, cpu_threads: Optional[int] = None,
+               cpu_kernel: str = "fused") -> None:
     if not out:
         raise UserError("--calibrate needs --out profile.json")
-    import os as _os
+    import os
 
-    if _os.path.exists(out) and not force:
+    if os.path.exists(out) and not force:
         raise UserError(f"{out} exists; pass --force to overwrite it")
     from tracekit.live.calibrate import calibrate, write
     from tracekit.live.session import need_cuda
 
     need_cuda()
-    import os
-
-    prof = _interruptible(lambda: calibrate(name=os.path.splitext(os.path.basename(out))[0], log=_log))
+    prof = _interruptible(lambda: calibrate(name=os.path.splitext(os.path.basename(out))[0], log=_log,
+                                            cpu_threads=cpu_threads, cpu_kernel=cpu_kernel))
     write(prof, out)
     print(f"wrote {out}: {prof['h2d_GBps']} GB/s H2D, {prof['copy_overhead_us']} us per copy, "
           f"FFN 1 token {prof['ffn_ms']['1']} ms, attention {prof['attn_ms']} ms/layer on {prof['card']}")

@@ -193,3 +193,8 @@ def test_cli_hybrid_model_runs(capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["identical"] is True and r["hybrid"] is True
     assert r["counters"]["cpu_misses"] == 0          # h100-pcie5: a tiny expert copies faster than the CPU computes
+
+
+def test_cli_unknown_cpu_kernel_refused(capsys):
+    code, cap = _cli(["live", "--policy", "lru", "--trace", "x.parquet", "--hybrid", "--cpu-kernel", "blas"], capsys)
+    assert code != 0 and "--cpu-kernel" in cap.err and len(cap.err.strip().splitlines()) == 1

@@ -41,7 +41,7 @@ def _time(fn, reps: int, stream=None) -> float:
 
 def calibrate(shapes: Shapes = MIXTRAL, batch: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256),
               chunk_mb: tuple = (1, 4, 16, 64), reps: int = 5, name: str = "calibrated", log=print,
-              cpu: bool = True) -> dict:
+              cpu: bool = True, cpu_threads: int | None = None, cpu_kernel: str = "fused") -> dict:
     import torch
 
     from tracekit.live.store import ExpertStore
@@ -137,7 +137,7 @@ def calibrate(shapes: Shapes = MIXTRAL, batch: tuple = (1, 2, 4, 8, 16, 32, 64, 
     if cpu:
         from tracekit.live.calib_cpu import calibrate_cpu
 
-        hyb = calibrate_cpu(shapes, reps=reps, log=log)
+        hyb = calibrate_cpu(shapes, reps=reps, log=log, threads=cpu_threads, kernel=cpu_kernel)
     return hyb | {
         "name": name,
         "card": torch.cuda.get_device_name(0),

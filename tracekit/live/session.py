@@ -66,6 +66,10 @@ def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap
         t0 = time.perf_counter()
         store = ExpertStore(shapes.L, shapes.E, shapes.numel, pin=device.startswith("cuda"))
         log(f"pinned store: {store.nbytes / 1e9:.1f} GB ({shapes.L} layers) in {time.perf_counter() - t0:.1f} s")
+    if any(hybrids) and not dry and "cpu_threads" in raw and raw.get("cpu_kernel", "torch") != cpu_kernel:
+        log(f"warning: profile {profile!r} calibrated the CPU with the {raw.get('cpu_kernel', 'torch')!r} kernel; "
+            f"this run computes CPU misses with {cpu_kernel!r} (--cpu-kernel), so replay's choice and "
+            f"prediction assume another CPU speed")
     out = []
     try:
         for C in capacities:
