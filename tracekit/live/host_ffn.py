@@ -29,7 +29,6 @@ from numba.extending import intrinsic
 # once per token, and on the H200 host's Xeon (15 threads, weights not in cache) it took 3.8 / 5.4 /
 # 8.6 ms for 1 / 2 / 4 tokens against torch's 7.0 / 6.5 / 6.8 ms (bench/host_read_bandwidth.py).
 FUSED_MAX_TOKENS = 2
-BLOCKS_PER_THREAD = 4       # see HostFFN
 
 
 @intrinsic
@@ -138,18 +137,10 @@ KERNELS = ("fused", "torch")
 class HostFFN:
     """out [n, H] (bf16 torch) = the FFN of expert w [F, 3, H] (bf16 torch, host) on x [n, H].
     kernel "fused": ffn_fused with `threads` numba threads for n <= FUSED_MAX_TOKENS, torch_ffn above;
-    "torch": torch_ffn always. Build and call it from one thread (numba's thread count and chunk size
-    are per thread); building it compiles (or loads from numba's cache) the fused kernel.
+    "torch": torch_ffn always. Build and call it from one thread (numba's thread count is per thread);
+    building it compiles (or loads from numba's cache) the fused kernel."""
 
-    blocks_per_thread (default: $TRACEKIT_CPU_BLOCKS_PER_THREAD or BLOCKS_PER_THREAD): the rows are cut
-    into threads x blocks_per_thread blocks. With 1, each thread gets one block up front (numba's static
-    schedule), and one preempted thread delays the whole expert; with more, blocks are handed out one at
-    a time (numba's parallel chunk size 1), so the other threads take over a slow thread's rest. The
-    result does not depend on which thread computes a block (partial sums are added in block order)."""
-
-    def __init__(self, H: int, threads: int, kernel: str = "fused", blocks_per_thread: int | None = None):
-        import os
-
+    def __init__(self, H: int, threads: int, kernel: str = "fused"):
         import numba
 
         if kernel not in KERNELS:
@@ -159,33 +150,28 @@ class HostFFN:
         self.kernel = kernel
         self.max_fused = FUSED_MAX_TOKENS if kernel == "fused" else 0
         self.threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
-        bpt = blocks_per_thread or int(os.environ.get("TRACEKIT_CPU_BLOCKS_PER_THREAD", BLOCKS_PER_THREAD))
-        self.blocks = self.threads * max(1, bpt)
-        self.chunk = 0 if bpt <= 1 else 1
         self.H = H
-        self.part = np.zeros(self.blocks * FUSED_MAX_TOKENS * H, dtype=np.float32)
+        self.part = np.zeros(self.threads * FUSED_MAX_TOKENS * H, dtype=np.float32)
         if self.max_fused:
-            self._run(np.zeros((1, H), np.float32), np.zeros((1, 3, H), np.uint16), np.zeros((1, H), np.uint16))
+            numba.set_num_threads(self.threads)
+            ffn_fused(np.zeros((1, H), np.float32), np.zeros((1, 3, H), np.uint16), self._part(1),
+                      np.zeros((1, H), np.uint16))
 
-    def _run(self, xf, wb, ob) -> None:
-        import numba
-
-        n = xf.shape[0]
-        # part: C-contiguous [blocks, n, H] (a slice [:, :n] of a [blocks, 2, H] array is not, and numba
-        # then does not vectorize the down projection's accumulation)
-        part = self.part[: self.blocks * n * self.H].reshape(self.blocks, n, self.H)
-        numba.set_num_threads(self.threads)
-        old = numba.set_parallel_chunksize(self.chunk)
-        try:
-            ffn_fused(xf, wb, part, ob)
-        finally:
-            numba.set_parallel_chunksize(old)
+    def _part(self, n: int) -> np.ndarray:
+        # C-contiguous [threads, n, H] (a slice [:, :n] of a [threads, 8, H] array is not, and numba then
+        # does not vectorize the down projection's accumulation)
+        return self.part[: self.threads * n * self.H].reshape(self.threads, n, self.H)
 
     def __call__(self, x, w, out) -> None:
-        if x.shape[0] > self.max_fused:
+        n = x.shape[0]
+        if n > self.max_fused:
             torch_ffn(x, w, out)
             return
+        import numba
         import torch
 
-        self._run(x.to(torch.float32).numpy(), w.view(torch.int16).numpy().view(np.uint16),
-                  out.view(torch.int16).numpy().view(np.uint16))
+        numba.set_num_threads(self.threads)
+        xf = x.to(torch.float32).numpy()
+        wb = w.view(torch.int16).numpy().view(np.uint16)
+        ob = out.view(torch.int16).numpy().view(np.uint16)
+        ffn_fused(xf, wb, self._part(n), ob)
