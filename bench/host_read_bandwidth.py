@@ -6,7 +6,8 @@ host's memory wall?). Runs on any machine; on the GPU host it pins the weights l
 For each thread count: GB/s of a full read of one expert's bf16 weights (sum over 352 MB), and the
 time of one expert's FFN for `--tokens` tokens (default 1) three ways: torch's matmuls on
 transformers' layout (gate_up [2F, H], down [H, F]), and the CPU worker's two kernels on the live
-layout [F, 3, H] (tracekit/live/host_ffn.py: `torch` and the one-pass numba `fused`). Prints one line
+layout [F, 3, H] (tracekit/live/host_ffn.py: `torch` and the one-pass numba `fused`, which hands
+more than FUSED_MAX_TOKENS tokens to torch's matmuls, as the CPU worker does). Prints one line
 per thread count and a JSON summary on the last line. Times are medians of 9 calls, each on the next
 of `--copies` copies of the weights, so that no call reads from the CPU's caches.
 """
