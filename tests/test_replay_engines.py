@@ -59,11 +59,17 @@ def test_demand_engine_is_used_only_where_it_applies():
         replay_one(policies.get("markov"), build_plan(tr), 2, BASE, engine="demand")
 
 
+# random traces for the engine-equality tests: L layers, E experts, top-K, steps (decode?, tokens)
+RANDOM_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+RANDOM_TRACE = dict(
+    L=st.integers(1, 3), E=st.integers(2, 8), K=st.integers(1, 3), seed=st.integers(0, 2**32 - 1),
+    steps=st.lists(st.tuples(st.sampled_from([True, True, False]), st.integers(1, 4)), min_size=1, max_size=20),
+    prof=st.sampled_from(PROFILES))
+
+
 @pytest.mark.parametrize("name", DEMAND)
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(L=st.integers(1, 3), E=st.integers(2, 8), K=st.integers(1, 3), seed=st.integers(0, 2**32 - 1),
-       steps=st.lists(st.tuples(st.sampled_from([True, True, False]), st.integers(1, 4)), min_size=1, max_size=20),
-       C=st.integers(1, 8), prof=st.sampled_from(PROFILES))
+@RANDOM_SETTINGS
+@given(**RANDOM_TRACE, C=st.integers(1, 8))
 def test_demand_engine_equals_controller(name, L, E, K, seed, steps, C, prof):
     K, C = min(K, E), min(C, E)
     plan = build_plan(make_trace(L, E, K, steps, seed, "none", False))
@@ -118,10 +124,8 @@ def test_lru_table_states_are_the_ordered_resident_sets():
 
 
 @pytest.mark.parametrize("name", TABLE)
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(L=st.integers(1, 3), E=st.integers(2, 8), K=st.integers(1, 3), seed=st.integers(0, 2**32 - 1),
-       steps=st.lists(st.tuples(st.sampled_from([True, True, False]), st.integers(1, 4)), min_size=1, max_size=20),
-       C=st.integers(1, 4), prof=st.sampled_from(PROFILES))
+@RANDOM_SETTINGS
+@given(**RANDOM_TRACE, C=st.integers(1, 4))
 def test_table_engine_equals_demand_and_controller(name, L, E, K, seed, steps, C, prof):
     K, C = min(K, E), min(C, E)
     plan = build_plan(make_trace(L, E, K, steps, seed, "none", False))
