@@ -5,7 +5,8 @@
 1. hybrid calibration (CPU FFN table, threads, activation round trip, contention) merged into the base
    profile's keys -> OUT/<card>-calibrated.json (commit as tracekit/replay/profiles/<card>-calibrated.json)
 2. trace-driven live on the two Mixtral traces, C=2 and 4, whole-expert copies, each policy with and
-   without --hybrid, beside replay's prediction with the same (new) profile
+   without --hybrid (and with --hybrid --split when --split is given), beside replay's prediction with
+   the same (new) profile
 Writes OUT/hybrid_results.json after every row and OUT/hybrid_results.md at the end.
 """
 
@@ -27,7 +28,7 @@ from gpu_live import device_card, log  # noqa: E402  (same folder: the script's 
 
 def markdown(rows, card, prof) -> str:
     h = ("| trace | policy | C | hybrid | live tok/s | pred tok/s | pred/live | hybrid speed-up | hit | "
-         "CPU share of misses | MB/token | stall ms/tok | CPU wait ms/tok | compute ms/tok | CPU ms/job | "
+         "CPU share of misses | split share | MB/token | stall ms/tok | CPU wait ms/tok | compute ms/tok | CPU ms/job | "
          "GB/s | = replay |")
     out = [f"Card: {card}. CPU: {prof.get('cpu_threads')} threads, {prof.get('cpu_kernel', 'torch')} kernel; "
            f"contention_copy "
@@ -39,8 +40,9 @@ def markdown(rows, card, prof) -> str:
         sp = f"{r['live_tok_s'] / b:.2f}x" if (r["hybrid"] and b) else ""
         cpj = "" if r["cpu_ms_per_job"] != r["cpu_ms_per_job"] else f"{r['cpu_ms_per_job']:.2f}"
         out.append(f"| {r['trace'].replace('.parquet', '')} | {r['policy']} | {r['capacity']} | "
-                   f"{'yes' if r['hybrid'] else 'no'} | {r['live_tok_s']:.2f} | {r['pred_tok_s']:.2f} | "
-                   f"{r['ratio_pred_live']:.2f} | {sp} | {r['hit_rate']:.3f} | {r['cpu_share']:.2f} | "
+                   f"{'split' if r.get('split') else 'yes' if r['hybrid'] else 'no'} | {r['live_tok_s']:.2f} | "
+                   f"{r['pred_tok_s']:.2f} | {r['ratio_pred_live']:.2f} | {sp} | {r['hit_rate']:.3f} | "
+                   f"{r['cpu_share']:.2f} | {r.get('split_share', 0.0):.2f} | "
                    f"{r['bytes_per_token_MB']:.0f} | {r['stall_ms_per_token']:.1f} | {r['cpu_wait_ms_per_token']:.1f} | "
                    f"{r['compute_ms_per_token']:.2f} | {cpj} | {r['achieved_GBps']:.1f} | {r['bookkeeping_equal']} |")
     return "\n".join(out) + "\n"
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--capacities", default="2,4")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cpu-kernel", default="fused", help="fused | torch (tracekit/live/host_ffn.py)")
+    ap.add_argument("--split", action="store_true", help="also run --hybrid --split")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
     import torch
@@ -98,7 +101,8 @@ def main() -> None:
     for tname in TRACES[:1] if a.smoke else TRACES:
         t1 = time.perf_counter()
         trace_sweep(os.path.join(a.traces, tname), a.policies.split(","), caps, 2, (0.0,), layers, maxtok,
-                    prof_path, "cuda", log=log, hybrids=(False, True), cpu_threads=a.threads, cpu_kernel=a.cpu_kernel,
+                    prof_path, "cuda", log=log, hybrids=(False, True, "split") if a.split else (False, True),
+                    cpu_threads=a.threads, cpu_kernel=a.cpu_kernel,
                     on_row=lambda r: (rows.append(r), dump()))
         log(f"{tname}: {time.perf_counter() - t1:.1f} s")
     md = markdown(rows, name, raw)

@@ -32,6 +32,8 @@ def live(
     dry_run: bool = typer.Option(False, help="bookkeeping only (no GPU): counters as live/replay count them"),
     hybrid: bool = typer.Option(False, help="each miss is copied or computed on the host CPU, as replay's cost "
                                 "model (--profile, which needs cpu_ffn_ms) decides"),
+    split: bool = typer.Option(False, help="with --hybrid, trace-driven: a layer's only miss is split between a "
+                               "partial copy and the host CPU (replay --split)"),
     cpu_threads: Optional[int] = typer.Option(None, help="threads of the CPU-miss worker (default: cores - 1)"),
     cpu_kernel: str = typer.Option("fused", help="CPU-miss kernel: fused (one pass over the weights, numba; "
                                    "torch's matmuls above 2 tokens) | torch"),
@@ -52,6 +54,10 @@ def live(
         return _calibrate(out, force, cpu_threads, cpu_kernel)
     if not trace and not model:
         raise UserError("give --trace T (trace-driven), --model M (model-driven) or --calibrate --out FILE")
+    if split and not hybrid:
+        raise UserError("--split is a kind of --hybrid: pass both")
+    if split and not trace:
+        raise UserError("--split runs trace-driven (--trace); model-driven --hybrid copies or computes whole experts")
     if not dry_run and device.startswith("cuda"):
         from tracekit.live.session import need_cuda
 
@@ -64,7 +70,8 @@ def live(
             shapes = session.shapes_from_config(_config(model))
         rows = _interruptible(lambda: session.trace_sweep(
             trace, [policy], [capacity], cap, (chunk_mb,), layers, max_tokens, profile, device, dry_run,
-            shapes, log=_log, hybrids=(hybrid,), cpu_threads=cpu_threads, cpu_kernel=cpu_kernel))
+            shapes, log=_log, hybrids=("split" if split else hybrid,), cpu_threads=cpu_threads,
+            cpu_kernel=cpu_kernel))
         return _print_rows(rows, fmt)
     if hybrid and cpu_threads:
         raise UserError("--cpu-threads applies to the trace-driven CPU worker; model-driven --hybrid computes "
@@ -144,8 +151,8 @@ def _print_rows(rows: list, fmt: str) -> None:
             ("policy ms/tok", "policy_ms_per_token", "{:.3f}"), ("eff", "efficiency", "{:.2f}"),
             ("= replay", "bookkeeping_equal", "{}")]
     if any(r.get("hybrid") for r in rows):
-        cols[-1:-1] = [("cpu share", "cpu_share", "{:.2f}"), ("cpu wait ms/tok", "cpu_wait_ms_per_token", "{:.2f}"),
-                       ("cpu ms/job", "cpu_ms_per_job", "{:.2f}")]
+        cols[-1:-1] = [("cpu share", "cpu_share", "{:.2f}"), ("split share", "split_share", "{:.2f}"),
+                       ("cpu wait ms/tok", "cpu_wait_ms_per_token", "{:.2f}"), ("cpu ms/job", "cpu_ms_per_job", "{:.2f}")]
     for h, _, _ in cols:
         t.add_column(h)
     for r in rows:

@@ -37,6 +37,8 @@ def replay(
     jobs: int = typer.Option(0, "--jobs", "-j", help="parallel processes (0: all cores)"),
     hybrid: bool = typer.Option(False, "--hybrid", help="each miss is copied or computed on the host CPU, "
                                 "whichever the cost model says finishes first"),
+    split: bool = typer.Option(False, "--split", help="with --hybrid: a layer's only miss may be split between a "
+                               "partial copy and the host CPU, so that both finish together (not cached)"),
     force: bool = typer.Option(False, "--force", help="overwrite --out / --plot files"),
 ) -> None:
     """Score every policy offline: hit rate, transfers, bytes, stall and simulated tokens/s."""
@@ -57,12 +59,15 @@ def replay(
         raise UserError(f"--steps must be passes or tokens, not {steps!r}")
     if cap < 1:
         raise UserError("--cap must be >= 1")
+    if split and not hybrid:
+        raise UserError("--split is a kind of --hybrid: pass both")
     for path in (out, plot):
         if path:
             report._check_new(path, force)
     cfg = SweepConfig(policies=policies.parse(policy), capacities=_ints(capacity, "capacity"),
                       profile=load_profile(profile), cap=cap, depth=depth, token_steps=steps == "tokens",
-                      expert_bytes=expert_mb * 1e6 if expert_mb else None, jobs=jobs, hybrid=hybrid)
+                      expert_bytes=expert_mb * 1e6 if expert_mb else None, jobs=jobs, hybrid=hybrid,
+                      split=split)
     err = Console(stderr=True)
     plans = load_plans(traces, cfg.token_steps)
     total = len(plans) * len(cfg.policies) * len(cfg.capacities)

@@ -18,7 +18,8 @@ from reference_policies import POLICIES, RefNotApplicable  # noqa: F401  (tests/
 COUNTERS = ("requests", "hits", "decode_requests", "decode_hits", "demand_transfers",
             "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_dropped",
             "decode_transfers", "evictions", "transfers",
-            "cpu_misses", "decode_cpu_misses")          # always 0: no hybrid (host-CPU) serving here
+            "cpu_misses", "decode_cpu_misses",          # always 0: no hybrid (host-CPU) serving here
+            "split_misses", "decode_split_misses", "split_units", "decode_split_units")
 NEVER = 1 << 62
 
 

@@ -29,16 +29,17 @@ from test_live_cpu import MIX, synthetic  # noqa: E402
 PROFILE = load_profile("h100-pcie5")        # has cpu_ffn_ms (6.6 ms per token)
 
 
-def _replay(spec, plan, C, tr, prof, cap=2, expert_bytes=None):
+def _replay(spec, plan, C, tr, prof, cap=2, expert_bytes=None, split=False):
     ctx = make_context(plan, C, tr)
     r = replay_one(spec, plan, C, prof, cap=cap, depth=ctx.depth, router=ctx.router, hidden_kind=ctx.hidden_kind,
-                   params=ctx.params, hybrid=True, expert_bytes=expert_bytes)
+                   params=ctx.params, hybrid=True, expert_bytes=expert_bytes, split=split)
     return r.counters, ctx
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("policy", ["lru", "belady", "markov", "lfu"])
 @pytest.mark.parametrize("C", [2, 4])
-def test_dry_hybrid_bookkeeping_equals_replay_shared_traces(policy, C):
+def test_dry_hybrid_bookkeeping_equals_replay_shared_traces(policy, C, split):
     for path in MIX:
         if not os.path.exists(path):
             pytest.skip("shared traces not found")
@@ -46,13 +47,60 @@ def test_dry_hybrid_bookkeeping_equals_replay_shared_traces(policy, C):
         plan = build_plan(tr)
         spec = P.get(policy)
         sh = Shapes(tr.num_layers, tr.num_experts, 4096, 14336, 1024)      # Mixtral expert bytes
-        want, ctx = _replay(spec, plan, C, tr, PROFILE, expert_bytes=sh.expert_bytes)
-        got = TraceExecutor(sh, C, dry=True).run(spec, plan, C, 2, ctx, hybrid=PROFILE).counters
+        want, ctx = _replay(spec, plan, C, tr, PROFILE, expert_bytes=sh.expert_bytes, split=split)
+        res = TraceExecutor(sh, C, dry=True).run(spec, plan, C, 2, ctx, hybrid=PROFILE, split=split)
+        got = res.counters
         assert got == want, (path, policy, C)
         assert got["cpu_misses"] > 0 and got["transfers"] > 0
+        assert got["hits"] + got["demand_transfers"] + got["cpu_misses"] + got["split_misses"] == got["requests"]
         plain = TraceExecutor(sh, C, dry=True).run(spec, plan, C, 2, ctx).counters
-        assert plain["cpu_misses"] == 0
+        assert plain["cpu_misses"] == 0 and plain["split_misses"] == 0
         assert got["transfers"] < plain["transfers"]       # CPU misses are not copied or cached
+        if split:
+            # split misses copy part of an expert: bytes lie strictly between whole transfers and them + 1
+            assert got["split_misses"] > 0
+            assert 0 < got["split_units"] < got["split_misses"] * 64
+            assert res.bytes_total == (got["transfers"] + got["split_units"] / 64) * sh.expert_bytes
+        else:
+            assert got["split_misses"] == 0
+
+
+def test_split_only_for_a_layers_single_miss():
+    # --split: a SPLIT action only where the layer's requests found exactly one expert missing; replay's
+    # actions, read back through the controller the live executor drives
+    from tracekit.replay import controller as ctlmod
+    from tracekit.replay.jit import engine_module
+
+    tr = synthetic()
+    plan = build_plan(tr)
+    spec = P.get("lru")
+    prof = dataclasses.replace(PROFILE, cpu_ffn_ms={"1": 0.006, "64": 0.012}, act_copy_us=0.5)
+    sh = Shapes(4, 8, 16, 64, 8)
+    ctl = ctlmod.new_controller(plan.L, plan.E, 2, 2)
+    from tracekit.live.cpu_worker import HybridClock
+
+    clock = HybridClock(spec, plan, 2, prof, sh.expert_bytes, ctl, split=True)
+    st = spec.make_state(make_context(plan, 2, tr))
+    act = ctlmod.action_rows(clock.ctl)
+    after = engine_module(spec).after
+    kinds = []
+    for s in range(plan.num_steps):
+        t0, t1 = plan.tok_ptr[s], plan.tok_ptr[s + 1]
+        for l in range(plan.L):
+            pos = s * plan.L + l
+            a, b = plan.req_ptr[pos], plan.req_ptr[pos + 1]
+            resident = clock.ctl[0][l].copy()
+            n = clock.serve(st, pos, l, plan.req_e[a:b], a, plan.req_next[a:b], plan.decode[s] == 1, act,
+                            plan.req_ntok[a:b], t1 - t0)
+            missing = sum(resident[e] == 0 for e in plan.req_e[a:b])
+            rows = act[:n].tolist()
+            for r in rows:
+                kinds.append(r[0])
+                if r[0] == ctlmod.SPLIT:
+                    assert missing == 1 and 0 < r[3] < ctlmod.SPLIT_GRID
+                    assert clock.ctl[0][l, r[2]] == 0            # not cached
+            after(clock.ctl, st, pos, l, plan.tok_ex, plan.hid, t0, t1, l, plan.decode[s] == 1, False, act)
+    assert ctlmod.SPLIT in kinds and ctlmod.MISS in kinds
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "belady", "markov"])
@@ -79,6 +127,66 @@ def test_cpu_executor_hybrid_full_path_equals_replay(policy):
         finally:
             ex.close()
             store.free()
+
+
+def test_cpu_executor_split_full_path_equals_replay():
+    # --split on a CPU "device" with a real worker: counters equal replay's, split misses happen, and the
+    # bytes copied are whole experts plus exactly the split rows (F = 64: a grid unit is one row)
+    tr = synthetic()
+    plan = build_plan(tr)
+    sh = Shapes(4, 8, 16, 64, 8)
+    prof = dataclasses.replace(PROFILE, cpu_ffn_ms={"1": 0.006, "64": 0.012}, act_copy_us=0.5)
+    spec = P.get("lru")
+    want, ctx = _replay(spec, plan, 2, tr, prof, 2, expert_bytes=sh.expert_bytes, split=True)
+    assert want["split_misses"] > 0
+    store = ExpertStore(4, 8, sh.numel, pin=False)
+    ex = TraceExecutor(sh, 2, "cpu", store, rows=[(0, 24), (24, 48), (48, 64)], timing=False, max_tokens=16,
+                       cpu_threads=1)
+    try:
+        res = ex.run(spec, plan, 2, 2, ctx, hybrid=prof, split=True)
+        assert res.counters == want
+        assert res.bytes_total == (want["transfers"] + want["split_units"] / 64) * sh.expert_bytes
+        assert res.cpu_jobs == want["decode_cpu_misses"] + want["decode_split_misses"]
+    finally:
+        ex.close()
+        store.free()
+
+
+@pytest.mark.parametrize("k", [1, 21, 40, 63])
+def test_split_layer_output_equals_copied_expert(k):
+    # one layer with one miss, run three ways through the executor's layer code: copied whole (MISS),
+    # computed on the host (CPU), and split at k/64 (SPLIT: rows on both sides of a chunk boundary):
+    # the layer outputs agree within bf16 tolerance, and the split copies exactly its leading rows
+    torch = pytest.importorskip("torch")
+    from tracekit.live.copier import Copier
+    from tracekit.live.cpu_worker import CpuWorker
+    from tracekit.replay.controller import CPU, MISS, SPLIT
+
+    sh = Shapes(2, 4, 32, 128, 8)
+    store = ExpertStore(2, 4, sh.numel, pin=False, seed=3)
+    g = torch.Generator().manual_seed(1)
+    for e in range(4):            # distinct experts
+        store.layers[1][e].copy_((torch.randn(sh.numel, generator=g) * 0.1).to(torch.bfloat16))
+    ex = TraceExecutor(sh, 2, "cpu", store, rows=[(0, 48), (48, 96), (96, 128)], timing=False, max_tokens=4)
+    ex.worker = CpuWorker(sh, 4, "cpu", threads=1)
+    try:
+        xs = ex.x[:2]
+        ntoks = np.array([2])
+        outs = {}
+        for name, row in (("copy", [MISS, 1, 2, 1, 0]), ("cpu", [CPU, 1, 2, -1, 0]), ("split", [SPLIT, 1, 2, k, 0])):
+            cp = Copier("cpu", 2, 3, 3, False)
+            moved, y = ex._layer(cp, [row], 1, 0, xs, ntoks, None)
+            outs[name] = (moved, y.float())
+        assert outs["copy"][0] == sh.expert_bytes and outs["cpu"][0] == 0
+        assert outs["split"][0] == k * 2 * 3 * sh.H * 2                    # rows [0, 2k) of F = 128
+        assert torch.equal(ex.stage[: 2 * k], store.layers[1][2].view(128, 3, 32)[: 2 * k])
+        ref = outs["copy"][1]
+        tol = 3e-2 * ref.abs().max()
+        assert torch.allclose(outs["split"][1], ref, atol=tol) and torch.allclose(outs["cpu"][1], ref, atol=tol)
+        assert not torch.allclose(ex.nonexp(1, xs)[0].float(), ref, atol=tol)   # the expert's part is not negligible
+    finally:
+        ex.close()
+        store.free()
 
 
 def _eager_expert(x, gate_up, down):
@@ -176,6 +284,28 @@ def test_cli_dry_run_hybrid_json(capsys):
     assert r["bookkeeping_equal"] is True and r["hybrid"] is True
     assert r["cpu_misses"] > 0 and 0 < r["cpu_share"] < 1
     assert np.isfinite(r["pred_tok_s"])
+
+
+def test_cli_dry_run_split_json(capsys):
+    if not os.path.exists(MIX[0]):
+        pytest.skip("shared traces not found")
+    from tracekit.cli.app import main
+
+    main(["live", "--policy", "lru", "--trace", MIX[0], "--capacity", "2", "--dry-run", "--format", "json",
+          "--max-tokens", "20", "--hybrid", "--split", "--profile", "h100-pcie5"])
+    r = json.loads(capsys.readouterr().out)[0]
+    assert r["bookkeeping_equal"] is True and r["hybrid"] is True and r["split"] is True
+    assert 0 < r["split_share"] < 1 and r["counters"]["split_units"] > 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["replay", "t.parquet", "--split"], "--hybrid"),
+    (["live", "--trace", "t.parquet", "--split"], "--hybrid"),
+    (["live", "--model", "tiny-mixtral", "--hybrid", "--split", "--device", "cpu"], "trace-driven"),
+])
+def test_cli_split_needs_hybrid_and_a_trace(args, msg, capsys):
+    code, cap = _cli(args, capsys)
+    assert code != 0 and msg in cap.err and len(cap.err.strip().splitlines()) == 1
 
 
 def test_cli_hybrid_model_cpu_threads_refused(capsys):

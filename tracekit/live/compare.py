@@ -41,9 +41,9 @@ def _key(table: dict, v: float):
 
 
 def predict(spec, plan, capacity: int, cap: int, profile: Profile, expert_bytes: float, ctx=None,
-            hybrid: bool = False):
+            hybrid: bool = False, split: bool = False):
     """(ReplayResult, predicted decode tokens/s)."""
-    kw = {"hybrid": True} if hybrid else {}
+    kw = {"hybrid": True, "split": split} if hybrid else {}
     if ctx is not None:
         kw.update(depth=ctx.depth, router=ctx.router, hidden_kind=ctx.hidden_kind, params=ctx.params)
     r = replay_one(spec, plan, capacity, profile, cap=cap, expert_bytes=expert_bytes, **kw)
@@ -104,6 +104,9 @@ def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_n
         "cpu_misses": c.get("cpu_misses", 0), "decode_cpu_misses": c.get("decode_cpu_misses", 0),
         "cpu_share": (c.get("decode_cpu_misses", 0) / (c["decode_requests"] - c["decode_hits"])
                       if c["decode_requests"] > c["decode_hits"] else 0.0),
+        "split": bool(live.extra.get("split", False)),
+        "split_share": (c.get("decode_split_misses", 0) / (c["decode_requests"] - c["decode_hits"])
+                        if c["decode_requests"] > c["decode_hits"] else 0.0),
         "cpu_wait_ms_per_token": live.cpu_wait_s / n * 1e3,
         "cpu_busy_ms_per_token": live.cpu_busy_s / n * 1e3,
         "cpu_ms_per_job": live.cpu_busy_s / live.cpu_jobs * 1e3 if live.cpu_jobs else float("nan"),

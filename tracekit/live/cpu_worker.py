@@ -35,7 +35,7 @@ class HybridClock:
     """Replay's timeline for one live run (see module docstring). Use serve() in place of the
     controller's serve and after_copies() after every `after`."""
 
-    def __init__(self, spec, plan, capacity: int, profile, expert_bytes: float, ctl):
+    def __init__(self, spec, plan, capacity: int, profile, expert_bytes: float, ctl, split: bool = False):
         from tracekit.replay import controller as ctlmod
         from tracekit.replay import cost
         from tracekit.replay.jit import engine_module
@@ -44,7 +44,7 @@ class HybridClock:
         self._serve = engine_module(spec).serve_hybrid
         self.tl = cost.new_timeline(plan.L, plan.E, capacity)
         self.sc, self.ffn_tok, self.ffn_s = profile.vectors(expert_bytes, hybrid=True)
-        self.ctl = ctlmod.set_hybrid(ctl, profile, expert_bytes)
+        self.ctl = ctlmod.set_hybrid(ctl, profile, expert_bytes, split)
         self.cpu_tok, self.cpu_s = self.ctl[12], self.ctl[13]
         self.cursor = 0.0
 

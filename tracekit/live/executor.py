@@ -22,7 +22,7 @@ from tracekit.live.ffn import NonExpert, chunk_rows, ffn_rows
 from tracekit.policies import NotApplicable, PolicyContext
 from tracekit.replay import controller as ctlmod
 
-HIT, MISS, PREFETCH, CPU = ctlmod.HIT, ctlmod.MISS, ctlmod.PREFETCH, ctlmod.CPU
+HIT, MISS, PREFETCH, CPU, SPLIT = ctlmod.HIT, ctlmod.MISS, ctlmod.PREFETCH, ctlmod.CPU, ctlmod.SPLIT
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,10 @@ def make_context(plan, capacity: int, trace=None, depth: int = 0, params: dict |
 
 
 class TraceExecutor:
-    """Slots [L, C, F, 3, H] on `device`; experts from `store` (ExpertStore, flat [E, numel] per layer)."""
+    """Slots [L, C, F, 3, H] on `device`; experts from `store` (ExpertStore, flat [E, numel] per layer).
+    A SPLIT miss (hybrid --split) copies its leading rows to one staging expert [F, 3, H] (the copier's
+    slot index C of the layer; one buffer serves every layer: a layer's split copy waits on its routing
+    event, which follows the previous layer's compute)."""
 
     def __init__(self, shapes: Shapes, C: int, device="cuda", store=None, *, chunk_mb: float = 16.0,
                  rows: list | None = None, timing: bool = True, dry: bool = False, max_tokens: int = 512,
@@ -109,6 +112,7 @@ class TraceExecutor:
 
         L, H, F = shapes.L, shapes.H, shapes.F
         self.slots = torch.empty((L, C, F, 3, H), dtype=torch.bfloat16, device=device)
+        self.stage = torch.empty((F, 3, H), dtype=torch.bfloat16, device=device)                # SPLIT rows
         self.w = [[self.slots[l, s] for s in range(C)] for l in range(L)]               # [F, 3, H] views
         self.flat = [[self.slots[l, s].view(-1) for s in range(C)] for l in range(L)]   # [numel] views
         self.nonexp = NonExpert(L, H, shapes.E, shapes.kvdim, device)
@@ -117,9 +121,9 @@ class TraceExecutor:
 
     # ---- one run --------------------------------------------------------------------------
     def run(self, spec, plan, capacity: int, cap: int = 2, ctx: PolicyContext | None = None,
-            warmup_steps: int = 0, hybrid=None) -> LiveResult:
+            warmup_steps: int = 0, hybrid=None, split: bool = False) -> LiveResult:
         """hybrid: None (transfer only) or the replay Profile whose cost model decides CPU vs copy
-        (must be the profile replay predicts with, for equal counters)."""
+        (must be the profile replay predicts with, for equal counters); split: replay's --split."""
         if capacity != self.C:
             raise ValueError("executor slots were built for another capacity")
         if plan.L != self.shapes.L or plan.E != self.shapes.E:
@@ -132,15 +136,15 @@ class TraceExecutor:
             self.worker = CpuWorker(self.shapes, self.x.shape[0], self.device, self.cpu_threads,
                                     self.cpu_kernel)
         if warmup_steps and not self.dry:
-            self._loop(spec, plan, capacity, cap, ctx, min(warmup_steps, plan.num_steps), False, hybrid)
-        return self._loop(spec, plan, capacity, cap, ctx, plan.num_steps, self.timing, hybrid)
+            self._loop(spec, plan, capacity, cap, ctx, min(warmup_steps, plan.num_steps), False, hybrid, split)
+        return self._loop(spec, plan, capacity, cap, ctx, plan.num_steps, self.timing, hybrid, split)
 
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
             self.worker = None
 
-    def _loop(self, spec, plan, C, cap, ctx, S, timed, hybrid=None) -> LiveResult:
+    def _loop(self, spec, plan, C, cap, ctx, S, timed, hybrid=None, split=False) -> LiveResult:
         serve, after, finish = ctlmod.build(spec)
         try:
             st = spec.make_state(ctx)
@@ -151,14 +155,14 @@ class TraceExecutor:
         if hybrid is not None:
             from tracekit.live.cpu_worker import HybridClock
 
-            clock = HybridClock(spec, plan, C, hybrid, self.shapes.expert_bytes, ctl)
+            clock = HybridClock(spec, plan, C, hybrid, self.shapes.expert_bytes, ctl, split)
             ctl = clock.ctl
         if self.worker is not None:
             self.worker.jobs = []
         act = ctlmod.action_rows(ctl)
         predict_on = spec.prefetches
         L = plan.L
-        cp = None if self.dry else Copier(self.device, L, C, len(self.rows), timed)
+        cp = None if self.dry else Copier(self.device, L, C + 1, len(self.rows), timed)   # slot C: staging
         self._cp = cp
         self._cpu_waits = []
         dec_host_policy = 0.0
@@ -189,7 +193,7 @@ class TraceExecutor:
                 rows = act[:n].tolist()
                 pol += time.perf_counter() - h0
                 if cp is not None:
-                    step_bytes[s] += self._layer(cp, rows, l, s, xs, req_ntok[a:b], spans if timed else None)
+                    step_bytes[s] += self._layer(cp, rows, l, s, xs, req_ntok[a:b], spans if timed else None)[0]
                 h0 = time.perf_counter()
                 m = after(ctl, st, pos, l, tok_ex, hid, t0, t1, l, dec, predict_on and dec, act)
                 prow = act[:m].tolist()
@@ -224,9 +228,9 @@ class TraceExecutor:
             res.extra["cpu_threads"] = self.worker.threads
             res.extra["cpu_kernel"] = self.worker.kernel
         res.bytes_total = float(step_bytes.sum()) if cp is not None else \
-            float(res.counters["transfers"] * self.shapes.expert_bytes)
+            ctlmod.experts_copied(res.counters) * self.shapes.expert_bytes
         res.bytes_decode = float(step_bytes[decode[:S] == 1].sum()) if cp is not None else \
-            float(res.counters["decode_transfers"] * self.shapes.expert_bytes)
+            ctlmod.experts_copied(res.counters, decode=True) * self.shapes.expert_bytes
         if torch is not None:
             self._read_timing(res, cp, start, step_ev, spans, decode[:S], self._cpu_waits)
         elif cp is not None:
@@ -234,8 +238,8 @@ class TraceExecutor:
         return res
 
     # ---- one layer --------------------------------------------------------------------------
-    def _layer(self, cp, rows, l, step, xs, ntoks, spans) -> float:
-        """Attention stand-in, this layer's copies, CPU misses and FFNs. Returns the bytes copied."""
+    def _layer(self, cp, rows, l, step, xs, ntoks, spans):
+        """Attention stand-in, this layer's copies, CPU misses and FFNs. -> (bytes copied, output [n, H])."""
         import torch
 
         moved = 0.0
@@ -252,6 +256,9 @@ class TraceExecutor:
             kind, ll, sl = r[0], r[1], r[3]
             if kind == CPU:
                 continue
+            if kind == SPLIT:
+                moved += self._split_copy(cp, r, route, step)
+                continue
             if kind != HIT:
                 moved += self.shapes.expert_bytes
                 if ll == l and sl in last_user:        # the slot's previous expert is computed first
@@ -266,6 +273,12 @@ class TraceExecutor:
             if kind == PREFETCH or kind == CPU:
                 continue
             ne = int(ntoks[ri])
+            if kind == SPLIT:                          # its leading rows, from the staging buffer
+                for j, (f0, f1) in enumerate(self._split_rows(sl)):
+                    cp.wait_chunk(l, self.C, j, step)
+                    ffn_rows(xs[:ne], self.stage, y[:ne], f0, f1)
+                cp.pending[l][self.C] = False
+                continue
             xe, ye, w = xs[:ne], y[:ne], self.w[l][sl]
             if cp.pending[l][sl]:                      # first use since its copy: chunk by chunk
                 for j, (f0, f1) in enumerate(self.rows):
@@ -291,11 +304,12 @@ class TraceExecutor:
             ev1 = torch.cuda.Event(enable_timing=True)
             ev1.record(cp.compute)
             spans.append((step, ev0, ev1))
-        return moved
+        return moved, y
 
     def _cpu_jobs(self, rows, l, step, xs, ntoks, route) -> list:
-        """Send the hidden state to the host once for the layer's CPU misses and queue their FFNs."""
-        cpu = [r for r in rows if r[0] == CPU]
+        """Send the hidden state to the host once for the layer's CPU misses and queue their FFNs
+        (a SPLIT miss: its rows after the copied ones)."""
+        cpu = [r for r in rows if r[0] == CPU or r[0] == SPLIT]
         if not cpu:
             return []
         wk, p = self.worker, l % 2
@@ -306,8 +320,30 @@ class TraceExecutor:
         for j, r in enumerate(cpu):
             ne = int(ntoks[r[4]])
             w = self.store.layers[l][r[2]].view(E3)
+            if r[0] == SPLIT:
+                w = w[self.split_at(r[3]):]
             out.append((wk.submit(ev, xh[:ne], w, p, j, step), ne))
         return out
+
+    def split_at(self, k: int) -> int:
+        """The first intermediate row the host computes in a SPLIT miss of k / SPLIT_GRID copied."""
+        return k * self.shapes.F // ctlmod.SPLIT_GRID
+
+    def _split_rows(self, k: int) -> list:
+        """The copy's chunks (row ranges) cut at split_at(k)."""
+        fk = self.split_at(k)
+        return [(f0, min(f1, fk)) for f0, f1 in self.rows if f0 < fk]
+
+    def _split_copy(self, cp, r, after, step) -> float:
+        """Copy a SPLIT miss's leading rows to the staging buffer (slot index C). Returns the bytes."""
+        ll, e, k = r[1], r[2], r[3]
+        parts = self._split_rows(k)
+        if not parts:
+            return 0.0
+        H3 = 3 * self.shapes.H
+        bounds = [f0 * H3 for f0, _ in parts] + [parts[-1][1] * H3]
+        cp.copy(ll, self.C, self.stage.view(-1), self.store.layers[ll][e], bounds, after, step)
+        return float(bounds[-1] * 2)
 
     def _copy(self, cp, r, after, step) -> None:
         ll, e, sl = r[1], r[2], r[3]

@@ -56,7 +56,8 @@ def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap
                 shapes: Shapes = MIXTRAL, store=None, log=print, hybrids: tuple = (False,),
                 cpu_threads: int | None = None, on_row=None, cpu_kernel: str = "fused") -> list[dict]:
     """One row per (capacity, chunking, policy, hybrid): live beside replay's prediction.
-    Hybrid runs decide CPU vs copy with replay's cost model and the same profile as the prediction."""
+    hybrids: False (transfer only), True (hybrid) or "split" (hybrid --split). Hybrid runs decide CPU vs
+    copy with replay's cost model and the same profile as the prediction."""
     from tracekit import policies as P
 
     tr, plan, shapes = prepare(trace_path, layers, max_tokens, shapes, dry, log)
@@ -103,13 +104,15 @@ def _one(ex, spec, plan, tr, C, cap, p, shapes, hy, trace_path, log) -> dict:
     import os
 
     ctx = make_context(plan, C, tr)
-    live = ex.run(spec, plan, C, cap, ctx, warmup_steps=2, hybrid=p if hy else None)
-    live.extra["hybrid"] = hy
-    rep, tok_s = predict(spec, plan, C, cap, p, shapes.expert_bytes, ctx, hybrid=hy)
+    split = hy == "split"
+    live = ex.run(spec, plan, C, cap, ctx, warmup_steps=2, hybrid=p if hy else None, split=split)
+    live.extra["hybrid"] = bool(hy)
+    live.extra["split"] = split
+    rep, tok_s = predict(spec, plan, C, cap, p, shapes.expert_bytes, ctx, hybrid=bool(hy), split=split)
     r = row(live, tok_s, p, plan, p.h2d_GBps, os.path.basename(trace_path), rep.total_s - rep.decode_s)
     r["bookkeeping_equal"] = rep.counters == live.counters
     r["pred_cpu_busy_s_all_steps"] = rep.cpu_busy_s
-    log(f"{r['trace']} C={C} chunks={len(ex.rows)} {spec.name}{' hybrid' if hy else ''}: live "
+    log(f"{r['trace']} C={C} chunks={len(ex.rows)} {spec.name}{' hybrid' if hy else ''}{' split' if split else ''}: live "
         f"{r['live_tok_s']:.2f} tok/s, pred {tok_s:.2f}, hit {r['hit_rate']:.3f}, cpu share "
         f"{r['cpu_share']:.2f}, eff {r['efficiency']:.2f}, equal={r['bookkeeping_equal']}")
     return r

@@ -26,14 +26,20 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-HIT, MISS, PREFETCH, CPU = 0, 1, 2, 3     # CPU: a hybrid miss computed on the host, not cached
+HIT, MISS, PREFETCH, CPU, SPLIT = 0, 1, 2, 3, 4
+# CPU: a hybrid miss computed on the host, not cached. SPLIT (hybrid --split): a miss whose
+# intermediate rows [0, k F / SPLIT_GRID) are copied to a staging buffer and computed on the GPU while
+# the host computes the rest; not cached; its action row carries k in the slot column.
+SPLIT_GRID = 64
 # counters
 C_REQ, C_HIT, C_DREQ, C_DHIT, C_DEMAND, C_PF_ISSUED, C_PF_USED, C_PF_WASTED, C_PF_DROPPED, \
-    C_DEC_XFER, C_EVICT, C_XFER, C_CPU, C_DEC_CPU = range(14)
-N_COUNTERS = 14
+    C_DEC_XFER, C_EVICT, C_XFER, C_CPU, C_DEC_CPU, C_SPLIT, C_DEC_SPLIT, C_SPLIT_UNITS, \
+    C_DEC_SPLIT_UNITS = range(18)
+N_COUNTERS = 18
 COUNTER_NAMES = ("requests", "hits", "decode_requests", "decode_hits", "demand_transfers",
                  "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_dropped",
-                 "decode_transfers", "evictions", "transfers", "cpu_misses", "decode_cpu_misses")
+                 "decode_transfers", "evictions", "transfers", "cpu_misses", "decode_cpu_misses",
+                 "split_misses", "decode_split_misses", "split_units", "decode_split_units")
 # qstate slots: ring positions of the queue's head and tail (wrapped), in flight, cap, clock, length
 Q_HEAD, Q_TAIL, Q_INFLIGHT, Q_CAP, Q_CLOCK, Q_LEN = range(6)
 
@@ -70,15 +76,16 @@ def new_controller(L: int, E: int, C: int, cap: int, pred_rows: int = 256):
         np.zeros(N_COUNTERS, dtype=np.int64),     # 8 counters
         np.zeros(E, dtype=np.int64),              # 9 candidate scratch (expert ids)
         np.zeros((pred_rows, 3), dtype=np.int64),  # 10 prediction scratch
-        np.array([0.0, 0.0, 0.0, 0.0, 1.0, 1.0]),  # 11 hybrid: engine_free, cpu_free, copy_s, act_s,
-                                                   #    contention on copies, contention on CPU
+        np.array([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0]),  # 11 hybrid: engine_free, cpu_free, copy_s,
+                                                   #    act_s, contention on copies, on CPU, split mode
         np.ones(1),                               # 12 CPU FFN table: tokens
         np.ones(1),                               # 13 CPU FFN table: seconds
     )
 
 
-def set_hybrid(ctl, profile, expert_bytes=None):
-    """Give the controller the profile's CPU and copy costs, for serve_hybrid's choice."""
+def set_hybrid(ctl, profile, expert_bytes=None, split: bool = False):
+    """Give the controller the profile's CPU and copy costs, for serve_hybrid's choice.
+    split: a layer's only miss may be split between the copy engine and the CPU (kind SPLIT)."""
     if not profile.cpu_ffn_ms:
         from tracekit.errors import UserError
 
@@ -90,7 +97,15 @@ def set_hybrid(ctl, profile, expert_bytes=None):
     hy[3] = profile.act_copy_us * 1e-6
     hy[4] = profile.contention_copy
     hy[5] = profile.contention_cpu
+    hy[6] = 1.0 if split else 0.0
     return ctl[:12] + (tok, sec)
+
+
+def experts_copied(counters: dict, decode: bool = False) -> float:
+    """Experts' worth of bytes copied: whole transfers plus the copied parts of SPLIT misses."""
+    if decode:
+        return counters["decode_transfers"] + counters["decode_split_units"] / SPLIT_GRID
+    return counters["transfers"] + counters["split_units"] / SPLIT_GRID
 
 
 def action_rows(ctl) -> np.ndarray:

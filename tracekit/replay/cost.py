@@ -15,6 +15,10 @@ Hybrid (`--hybrid`): a miss the controller sends to the CPU (kind CPU) is a seco
 activation goes to the host (act_copy_us), the expert runs there for cpu_ffn(ntok) x contention_cpu,
 the result comes back (act_copy_us); the GPU waits for it at that expert's turn. Copies take
 x contention_copy while hybrid is on (CPU compute and copies both read host memory).
+Split (`--hybrid --split`, kind SPLIT, k of SPLIT_GRID): rows [0, k/GRID) of the expert are one copy
+(overhead + k/GRID bytes / bandwidth, to a staging buffer, not a slot) and run on the GPU for
+k/GRID of the FFN time once landed; the host computes the rest for (1 - k/GRID) of its CPU time; the
+expert's turn ends when both parts are done.
 The result is a breakdown (stall, compute, copy busy, bytes), not one number.
 """
 
@@ -29,6 +33,7 @@ import numpy as np
 from numba import njit
 
 from tracekit.errors import UserError
+from tracekit.replay.controller import SPLIT_GRID
 
 # scalar slots of the numba profile vector
 P_BW, P_OVH, P_BYTES, P_ATTN, P_ATTN_TOK, P_CHUNKS, P_ACT, P_CONT_COPY, P_CONT_CPU = range(9)
@@ -162,19 +167,28 @@ def new_timeline(L: int, E: int, C: int):
 
 @njit(cache=True, inline="always")
 def enqueue_copies(sc, tl, act, n, t_issue):
-    # every MISS/PREFETCH row of act[:n] becomes one FIFO copy issued at t_issue
+    # every MISS/PREFETCH row of act[:n] becomes one FIFO copy issued at t_issue; a SPLIT row
+    # copies its first k / SPLIT_GRID of the expert (to the staging buffer: no slot to wait for)
     ready, slot_free, acc = tl
     dur = copy_duration(sc)
     for r in range(n):
         k = act[r, 0]
-        if k != 1 and k != 2:
+        if k != 1 and k != 2 and k != 4:
             continue
         l, e, s = act[r, 1], act[r, 2], act[r, 3]
-        start = max(t_issue, acc[A_ENGINE], slot_free[l, s])
-        acc[A_ENGINE] = start + dur
-        acc[A_COPY] += dur
-        acc[A_BYTES] += sc[P_BYTES]
-        ready[l, e] = start + dur
+        if k == 4:
+            f = s / SPLIT_GRID
+            d = (sc[P_OVH] + f * sc[P_BYTES] / sc[P_BW]) * sc[P_CONT_COPY]
+            start = max(t_issue, acc[A_ENGINE])
+            nb = f * sc[P_BYTES]
+        else:
+            d = dur
+            start = max(t_issue, acc[A_ENGINE], slot_free[l, s])
+            nb = sc[P_BYTES]
+        acc[A_ENGINE] = start + d
+        acc[A_COPY] += d
+        acc[A_BYTES] += nb
+        ready[l, e] = start + d
 
 
 @njit(cache=True, inline="always")
@@ -198,20 +212,29 @@ def layer_time(sc, ffn_tok, ffn_s, cpu_tok, cpu_s, tl, act, n, req_ntok, t_route
         if k == 2:
             continue
         l, e, s, i = act[r, 1], act[r, 2], act[r, 3], act[r, 4]
-        if k == 3:                      # hybrid: the expert runs on the host CPU
+        gpu = 1.0                       # the share of the expert's rows the GPU computes
+        back = 0.0
+        if k >= 3:                      # hybrid: the expert (k 3) or its rows [s/GRID, 1) (k 4) on the host
+            gpu = 0.0 if k == 3 else s / SPLIT_GRID
             start = max(t_route + sc[P_ACT], acc[A_CPU])
-            c = interp(cpu_tok, cpu_s, req_ntok[i]) * sc[P_CONT_CPU]
+            c = interp(cpu_tok, cpu_s, req_ntok[i]) * sc[P_CONT_CPU] * (1.0 - gpu)
             acc[A_CPU] = start + c
             acc[A_CPU_BUSY] += c
             back = start + c + sc[P_ACT]
-            if back > t:
-                acc[A_STALL] += back - t
-                t = back
-            continue
-        f = interp(ffn_tok, ffn_s, req_ntok[i])
+            if k == 3:
+                if back > t:
+                    acc[A_STALL] += back - t
+                    t = back
+                continue
+        f = interp(ffn_tok, ffn_s, req_ntok[i]) * gpu
         end = expert_end(t, f, ready[l, e], ch)
         acc[A_STALL] += end - (t + f)
         acc[A_COMPUTE] += f
         t = end
-        slot_free[l, s] = t
+        if k == 4:                      # split: the host's part is added when it is back
+            if back > t:
+                acc[A_STALL] += back - t
+                t = back
+        else:
+            slot_free[l, s] = t
     return t

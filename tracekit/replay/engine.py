@@ -41,7 +41,8 @@ class ReplayResult:
 
 def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *, cap: int = 2,
                depth: int = 0, router=None, hidden_kind: str = "none", expert_bytes=None,
-               params: dict | None = None, hybrid: bool = False, engine: str = "auto") -> ReplayResult:
+               params: dict | None = None, hybrid: bool = False, split: bool = False,
+               engine: str = "auto") -> ReplayResult:
     """Run one (policy, capacity) configuration. Raises NotApplicable when the trace lacks inputs.
 
     engine: "controller" walks the full controller (the code the live executor runs); "demand" the
@@ -55,7 +56,7 @@ def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *,
     tl = new_timeline(plan.L, plan.E, capacity)
     sc, ffn_tok, ffn_s = profile.vectors(expert_bytes, hybrid=hybrid)
     if hybrid:
-        ctl = ctlmod.set_hybrid(ctl, profile, expert_bytes)
+        ctl = ctlmod.set_hybrid(ctl, profile, expert_bytes, split)
     cpu_tok, cpu_s = ctl[12], ctl[13]
     demand_ok = not spec.prefetches and not hybrid
     if engine == "demand" and not demand_ok:

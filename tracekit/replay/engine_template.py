@@ -12,6 +12,8 @@ from numba import njit
 from tracekit.replay.controller import (
     C_CPU,
     C_DEC_CPU,
+    C_DEC_SPLIT,
+    C_DEC_SPLIT_UNITS,
     C_DEC_XFER,
     C_DEMAND,
     C_DHIT,
@@ -23,6 +25,8 @@ from tracekit.replay.controller import (
     C_PF_USED,
     C_PF_WASTED,
     C_REQ,
+    C_SPLIT,
+    C_SPLIT_UNITS,
     C_XFER,
     CPU,
     HIT,
@@ -34,6 +38,8 @@ from tracekit.replay.controller import (
     Q_INFLIGHT,
     Q_LEN,
     Q_TAIL,
+    SPLIT,
+    SPLIT_GRID,
 )
 from tracekit.replay.cost import attn_time, enqueue_copies, interp, layer_time
 
@@ -146,6 +152,10 @@ def _serve(ctl, st, pos, l, req_e, a, b, now0, req_next, decode, act, hybrid, re
         cnt[C_DREQ] += b - a
     if b > a:
         q[Q_CLOCK] = now0 + (b - 1 - a)       # the last request's number (prefetches issued below)
+    nmiss = 0                                 # hybrid --split: the experts missing at routing time
+    if hybrid and ctl[11][6] > 0:
+        for i in range(a, b):
+            nmiss += resident[l, np.int64(req_e[i])] == 0
     for i in range(a, b):
         e = np.int64(req_e[i])
         now = now0 + (i - a)
@@ -163,12 +173,22 @@ def _serve(ctl, st, pos, l, req_e, a, b, now0, req_next, decode, act, hybrid, re
             if pf[l, e] == 1:             # queued but never issued: a miss
                 pf[l, e] = 0
                 cnt[C_PF_DROPPED] += 1
-            if hybrid and _cpu_wins(ctl[11], ctl[12], ctl[13], req_ntok[i], t_route):
+            k = SPLIT_GRID
+            if hybrid:
+                # --split: only a layer's single miss (with two, one goes each way and one is cached)
+                k = _hybrid_choice(ctl[11], ctl[12], ctl[13], req_ntok[i], t_route, nmiss == 1)
+            if k < SPLIT_GRID:            # the CPU computes the expert, or its rows [k F / GRID, F)
                 on_access(st, l, e, False, now, req_next[i])
-                cnt[C_CPU] += 1
-                if decode:
-                    cnt[C_DEC_CPU] += 1
-                n = _emit(act, n, CPU, l, e, -1, i)
+                if k == 0:
+                    cnt[C_CPU] += 1
+                    cnt[C_DEC_CPU] += decode
+                    n = _emit(act, n, CPU, l, e, -1, i)
+                else:
+                    cnt[C_SPLIT] += 1
+                    cnt[C_DEC_SPLIT] += decode
+                    cnt[C_SPLIT_UNITS] += k
+                    cnt[C_DEC_SPLIT_UNITS] += k * decode
+                    n = _emit(act, n, SPLIT, l, e, k, i)
                 continue
             s, v = _take_slot(ctl, st, l, True)
             resident[l, e] = 1
@@ -200,17 +220,33 @@ def _serve(ctl, st, pos, l, req_e, a, b, now0, req_next, decode, act, hybrid, re
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _cpu_wins(hy, cpu_tok, cpu_s, ntok, t_route):
-    # Hybrid miss: compute on the host CPU if that finishes before a copy would (expected times).
-    # hy = [engine_free, cpu_free, copy_s, act_s, cont_copy, cont_cpu]; both estimates advance.
-    copy_end = max(t_route, hy[0]) + hy[2] * hy[4]
-    cpu_start = max(t_route + hy[3], hy[1])
-    cpu_end = cpu_start + interp(cpu_tok, cpu_s, ntok) * hy[5]
-    if cpu_end + hy[3] < copy_end:
-        hy[1] = cpu_end
-        return True
-    hy[0] = copy_end
-    return False
+def _hybrid_choice(hy, cpu_tok, cpu_s, ntok, t_route, may_split):
+    # Hybrid miss: k of SPLIT_GRID parts of the expert's rows go by copy, the rest to the host CPU.
+    # k = GRID: copy (cached); k = 0: CPU; else SPLIT (only if may_split). Whichever finishes first
+    # by the expected times; hy = [engine_free, cpu_free, copy_s, act_s, cont_copy, cont_cpu, split].
+    cs = max(t_route, hy[0])
+    dc = hy[2] * hy[4]
+    ps = max(t_route + hy[3], hy[1])
+    dp = interp(cpu_tok, cpu_s, ntok) * hy[5]
+    copy_end = cs + dc
+    cpu_end = ps + dp + hy[3]
+    k = SPLIT_GRID if copy_end <= cpu_end else 0
+    best = min(copy_end, cpu_end)
+    if may_split:
+        # copy part ends at cs + x dc, CPU part at ps + (1 - x) dp + act: equal at x
+        x = (ps + dp + hy[3] - cs) / (dc + dp)
+        ks = min(SPLIT_GRID - 1, max(1, int(x * SPLIT_GRID + 0.5)))
+        f = ks / SPLIT_GRID
+        end = max(cs + f * dc, ps + (1.0 - f) * dp + hy[3])
+        if end < best:
+            hy[0] = cs + f * dc
+            hy[1] = ps + (1.0 - f) * dp
+            return ks
+    if k == 0:
+        hy[1] = ps + dp
+    else:
+        hy[0] = copy_end
+    return k
 
 
 @njit(cache=True, inline="always", _nrt=False)

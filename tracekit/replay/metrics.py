@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tracekit.replay.controller import experts_copied
 from tracekit.replay.engine import ReplayResult
 
 # Columns in display order; json/csv/parquet carry all of them.
@@ -12,7 +13,7 @@ COLUMNS = (
     "transfers", "decode_transfers", "transfers_per_token", "bytes_per_token",
     "transfers_above_belady", "stall_ms_per_token", "compute_ms_per_token", "time_ms_per_token",
     "stall_share", "sim_tokens_per_s", "decode_tokens", "cpu_misses", "cpu_miss_share",
-    "cpu_ms_per_token",
+    "split_misses", "split_miss_share", "cpu_ms_per_token",
 )
 
 
@@ -33,7 +34,7 @@ def metric_row(trace: str, policy: str, kind: str, capacity: int, r: ReplayResul
         "prefetch_wasted": c["prefetch_wasted"], "prefetch_dropped": c["prefetch_dropped"],
         "transfers": c["transfers"], "decode_transfers": c["decode_transfers"],
         "transfers_per_token": _div(c["decode_transfers"], tok),
-        "bytes_per_token": _div(c["decode_transfers"] * r.expert_bytes, tok),
+        "bytes_per_token": _div(experts_copied(c, decode=True) * r.expert_bytes, tok),
         "transfers_above_belady": None,
         "stall_ms_per_token": 1e3 * _div(r.decode_stall_s, tok),
         "compute_ms_per_token": 1e3 * _div(r.decode_compute_s, tok),
@@ -43,6 +44,8 @@ def metric_row(trace: str, policy: str, kind: str, capacity: int, r: ReplayResul
         "decode_tokens": tok,
         "cpu_misses": c["cpu_misses"],
         "cpu_miss_share": _div(c["cpu_misses"], c["requests"] - c["hits"]),
+        "split_misses": c["split_misses"],
+        "split_miss_share": _div(c["split_misses"], c["requests"] - c["hits"]),
         "cpu_ms_per_token": 1e3 * _div(r.cpu_busy_s, tok),
     }
 

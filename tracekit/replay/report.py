@@ -49,8 +49,16 @@ def render_table(rows: list[dict], profile_name: str, console=None) -> None:
                       _f(r["transfers_per_token"], ".2f"), _f(r["bytes_per_token"] / 1e9, ".3f"),
                       _f(r["transfers_above_belady"], "+.2f"), _f(r["stall_ms_per_token"], ".1f"),
                       _f(r["time_ms_per_token"], ".1f"), _f(r["sim_tokens_per_s"], ".2f"), pf,
-                      f"{r['cpu_miss_share']:.0%}" if r["cpu_misses"] else "-")
+                      _cpu_cell(r))
         console.print(t)
+
+
+def _cpu_cell(r: dict) -> str:
+    # share of misses on the host CPU (whole), and split between a partial copy and the CPU
+    if not r["cpu_misses"] and not r.get("split_misses"):
+        return "-"
+    cell = f"{r['cpu_miss_share']:.0%}"
+    return cell + (f" + {r['split_miss_share']:.0%} split" if r.get("split_misses") else "")
 
 
 def print_json(rows: list[dict], out=sys.stdout) -> None:

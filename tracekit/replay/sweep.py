@@ -27,6 +27,7 @@ class SweepConfig:
     expert_bytes: float | None = None
     jobs: int = 0                 # 0: all cores
     hybrid: bool = False          # misses may be computed on the host CPU (issue 5)
+    split: bool = False           # with hybrid: a layer's only miss may be split copy / CPU
     params: dict = field(default_factory=dict)
 
 
@@ -48,7 +49,7 @@ def _one(job: tuple[str, str, int]) -> dict:
     try:
         r = replay_one(spec, plan, C, _CFG.profile, cap=_CFG.cap, depth=_CFG.depth, router=trace.router,
                        hidden_kind=trace.hidden_kind, expert_bytes=_expert_bytes(trace, _CFG),
-                       params=_CFG.params, hybrid=_CFG.hybrid)
+                       params=_CFG.params, hybrid=_CFG.hybrid, split=_CFG.split)
     except NotApplicable as exc:
         return not_applicable_row(name, policy, spec.kind, C, str(exc))
     return metric_row(name, policy, spec.kind, C, r)
