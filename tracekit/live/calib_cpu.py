@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -67,6 +68,7 @@ def calibrate_cpu(shapes, batch=(1, 2, 4, 8, 16, 32, 64, 128), threads: int | No
         out["cpu_ffn_ms"] = res
         out["cpu_threads"] = threads
         out["cpu_kernel"] = kernel
+        out["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
 
         dst = torch.empty(shapes.numel, dtype=torch.bfloat16, device=dev)
         cs = torch.cuda.Stream()

@@ -20,7 +20,16 @@ it in the last bf16 bit at some outputs, as torch's own host matmuls do (tests/t
 
 from __future__ import annotations
 
-import numpy as np
+import os
+
+# The kernel's numba threads (OpenMP layer) must sleep when a job ends, not spin: spinning threads took
+# the cores and memory bandwidth the main thread needs to keep the GPU fed (H200 host, lru C=2 --split:
+# GPU idle waiting for the host 4.9-8.8 -> 3.1-3.8 ms per token, CPU job 4.9 -> 4.3 ms, same call;
+# docs/results_live.md). libgomp reads this when numba's OpenMP pool loads, which is after this import.
+# A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic

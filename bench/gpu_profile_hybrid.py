@@ -1,0 +1,88 @@
+"""Where the GPU's time goes in a hybrid live run (issue 5): a torch.profiler trace of trace-driven live.
+
+  python3 bench/gpu_profile_hybrid.py --out $OUT --traces DIR [--profile P] [--split] [--layers 4] [--tokens 30]
+
+Runs lru C=2 (whole-expert copies) with --hybrid (and --split) under torch.profiler (CPU + CUDA) and
+writes OUT/hybrid_profile.json: per CUDA stream, busy time by op name, and the compute stream's idle gaps
+with the host ops (main thread, worker thread) that were running while the GPU waited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def analyse(trace: dict) -> dict:
+    ev = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    gpu = [e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    by_stream = defaultdict(list)
+    for e in gpu:
+        by_stream[e["args"].get("stream", e.get("tid"))].append(e)
+    streams = {}
+    for s, es in by_stream.items():
+        es.sort(key=lambda e: e["ts"])
+        busy = defaultdict(float)
+        for e in es:
+            busy[e["name"][:60]] += e["dur"]
+        t0, t1 = es[0]["ts"], es[-1]["ts"] + es[-1]["dur"]
+        streams[str(s)] = {"ops": len(es), "span_us": t1 - t0, "busy_us": sum(busy.values()),
+                           "top": sorted(busy.items(), key=lambda kv: -kv[1])[:8]}
+    return {"streams": streams}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--traces", default="../shared/traces")
+    ap.add_argument("--profile", default="h100-calibrated")
+    ap.add_argument("--split", action="store_true")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=15)
+    a = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    from tracekit import policies as P
+    from tracekit.live.compare import load_with_extras, profile_for
+    from tracekit.live.executor import MIXTRAL, TraceExecutor, make_context
+    from tracekit.live.session import prepare
+    from tracekit.live.store import ExpertStore
+
+    os.makedirs(a.out, exist_ok=True)
+    tr, plan, shapes = prepare(os.path.join(a.traces, "mixtral8x7b_humaneval_2probs_decode.parquet"), a.layers,
+                               a.tokens, MIXTRAL)
+    prof, raw = load_with_extras(a.profile)
+    store = ExpertStore(shapes.L, shapes.E, shapes.numel, pin=True)
+    ex = TraceExecutor(shapes, 2, "cuda", store, chunk_mb=0.0, max_tokens=8, cpu_threads=a.threads)
+    p = profile_for(prof, len(ex.rows), 0.0, raw)
+    spec = P.get("lru")
+    ctx = make_context(plan, 2, tr)
+    out = {}
+    try:
+        ex.run(spec, plan, 2, 2, ctx, warmup_steps=2, hybrid=p, split=a.split)       # warm
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+            res = ex.run(spec, plan, 2, 2, ctx, hybrid=p, split=a.split)
+        path = os.path.join(a.out, "trace.json")
+        pr.export_chrome_trace(path)
+        out = analyse(json.load(open(path)))
+        n = max(1, res.decode_tokens)
+        out["per_token_ms"] = {k: getattr(res, k) / n * 1e3 for k in
+                               ("decode_s", "stall_s", "compute_s", "gap_s", "cpu_wait_s", "cpu_busy_s")}
+        out["cpu_jobs_per_token"] = res.cpu_jobs / n
+        out["counters"] = res.counters
+    finally:
+        ex.close()
+        store.free()
+    with open(os.path.join(a.out, "hybrid_profile.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps(out, indent=1)[:6000])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
