@@ -3,8 +3,8 @@
   python3 bench/gpu_profile_hybrid.py --out $OUT --traces DIR [--profile P] [--split] [--layers 4] [--tokens 30]
 
 Runs lru C=2 (whole-expert copies) with --hybrid (and --split) under torch.profiler (CPU + CUDA) and
-writes OUT/hybrid_profile.json: per CUDA stream, busy time by op name, and the compute stream's idle gaps
-with the host ops (main thread, worker thread) that were running while the GPU waited.
+writes OUT/hybrid_profile.json: per CUDA stream, busy time by op name, and the compute stream's idle time
+spent waiting for the host to launch its next op (host_bound_idle_us, by pair of ops).
 """
 
 from __future__ import annotations
@@ -33,7 +33,23 @@ def analyse(trace: dict) -> dict:
         t0, t1 = es[0]["ts"], es[-1]["ts"] + es[-1]["dur"]
         streams[str(s)] = {"ops": len(es), "span_us": t1 - t0, "busy_us": sum(busy.values()),
                            "top": sorted(busy.items(), key=lambda kv: -kv[1])[:8]}
-    return {"streams": streams}
+    # the compute stream (most ops): idle gaps whose next op was launched by the host only after the
+    # previous op had finished, i.e. the GPU waited for the host (grouped by the pair of op names)
+    comp = max(by_stream.values(), key=len)
+    launch = {e["args"]["correlation"]: e for e in ev
+              if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    host_bound = defaultdict(lambda: [0.0, 0])
+    for a, b in zip(comp, comp[1:]):
+        end = a["ts"] + a["dur"]
+        lb = launch.get(b["args"].get("correlation"))
+        if lb is None or b["ts"] <= end or lb["ts"] + lb["dur"] <= end:
+            continue
+        g = host_bound[f"{a['name'][:40]} -> {b['name'][:40]}"]
+        g[0] += min(b["ts"] - end, lb["ts"] + lb["dur"] - end)
+        g[1] += 1
+    top = sorted(host_bound.items(), key=lambda kv: -kv[1][0])[:8]
+    return {"streams": streams, "host_bound_idle_us": sum(v[0] for v in host_bound.values()),
+            "host_bound_top": [(k, round(v[0]), v[1]) for k, v in top]}
 
 
 def main() -> None:
