@@ -19,6 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tracekit.live import host_ffn  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch loads libgomp)
 
 TRACES = ["mixtral8x7b_humaneval_2probs_decode.parquet", "mixtral8x7b_humaneval0_prefill_decode.parquet"]
 

@@ -16,6 +16,7 @@ import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tracekit.live import host_ffn  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch loads libgomp)
 
 
 def analyse(trace: dict) -> dict:

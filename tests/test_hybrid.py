@@ -328,3 +328,19 @@ def test_cli_hybrid_model_runs(capsys):
 def test_cli_unknown_cpu_kernel_refused(capsys):
     code, cap = _cli(["live", "--policy", "lru", "--trace", "x.parquet", "--hybrid", "--cpu-kernel", "blas"], capsys)
     assert code != 0 and "--cpu-kernel" in cap.err and len(cap.err.strip().splitlines()) == 1
+
+
+def test_host_ffn_import_sets_passive_omp_before_torch():
+    # libgomp reads OMP_WAIT_POLICY when torch loads it: importing host_ffn (as the live CLI does first)
+    # must set it without importing torch; a value the user set is kept
+    import subprocess
+
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None)\n"
+            "import tracekit.live.host_ffn\n"
+            "assert 'torch' not in sys.modules, 'host_ffn imported torch'\n"
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "PASSIVE", r.stderr
+    r = subprocess.run([sys.executable, "-c", "import os, tracekit.live.host_ffn; print(os.environ['OMP_WAIT_POLICY'])"],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_WAIT_POLICY="ACTIVE"))
+    assert r.stdout.strip() == "ACTIVE", r.stderr

@@ -25,8 +25,9 @@ import os
 # The kernel's numba threads (OpenMP layer) must sleep when a job ends, not spin: spinning threads took
 # the cores and memory bandwidth the main thread needs to keep the GPU fed (H200 host, lru C=2 --split:
 # GPU idle waiting for the host 4.9-8.8 -> 3.1-3.8 ms per token, CPU job 4.9 -> 4.3 ms, same call;
-# docs/results_live.md). libgomp reads this when numba's OpenMP pool loads, which is after this import.
-# A value the user set is kept.
+# docs/results_live.md). libgomp reads it once, when it loads, and `import torch` loads it: so import
+# this module before torch (the live CLI and bench/gpu_hybrid.py do; set after torch, it had no effect on
+# the H200 host: 2 cores' worth of spinning either way). A value the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
