@@ -4,7 +4,8 @@
 
 Scales the profile's measured CPU FFN table (8.7 ms per expert-token on the H100 host) and replays the
 two shared Mixtral traces (all 32 layers) at C=2 with and without --hybrid. Prints a markdown table:
-decode tokens/s with hybrid / without, and the share of decode misses computed on the CPU.
+decode tokens/s with --hybrid / without and with --hybrid --split / without, and the share of decode
+misses computed (wholly) on the CPU under --hybrid.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ def main() -> int:
                 p = dataclasses.replace(base, cpu_ffn_ms={k: v * ms / cpu1 for k, v in base.cpu_ffn_ms.items()},
                                         **({} if cont else {"contention_copy": 1.0, "contention_cpu": 1.0}))
                 r = replay_one(spec, plan, 2, p, hybrid=True)
+                rs = replay_one(spec, plan, 2, p, hybrid=True, split=True)
                 c = r.counters
                 share = c["decode_cpu_misses"] / max(1, c["decode_cpu_misses"] + c["decode_transfers"])
-                speed = (r.decode_tokens / r.decode_s) / (r0.decode_tokens / r0.decode_s)
-                cells.append(f"{speed:.2f}x ({share:.0%})")
+                v0 = r0.decode_tokens / r0.decode_s
+                speed, speed_s = r.decode_tokens / r.decode_s / v0, rs.decode_tokens / rs.decode_s / v0
+                cells.append(f"{speed:.2f}x ({share:.0%}) / split {speed_s:.2f}x")
             print(f"| {name} | {pol} | " + " | ".join(cells) + " |")
     return 0
 

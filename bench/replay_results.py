@@ -40,24 +40,29 @@ def hybrid_section(traces: list[str]) -> list[str]:
     from tracekit.replay.cost import load_profile
     from tracekit.replay.sweep import SweepConfig, load_plans, run_sweep
 
-    out = ["### Transfer-only against `--hybrid` (replay, profile `h100-pcie5`: CPU expert 6.6 ms/token)", "",
-           "| trace | policy | C | sim tok/s | sim tok/s hybrid | speed-up | misses on CPU | "
-           "transfers/token | transfers/token hybrid |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["### Transfer-only against `--hybrid` and `--hybrid --split` (replay, profile `h100-pcie5`: "
+           "CPU expert 6.6 ms/token)", "",
+           "| trace | policy | C | sim tok/s | hybrid | speed-up | misses on CPU | hybrid --split | speed-up | "
+           "misses on CPU / split | GB/token | GB/token hybrid | GB/token split |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in traces:
         plans = load_plans([path], False)
         rows = {}
-        for hybrid in (False, True):
+        for mode in ("off", "hybrid", "split"):
             cfg = SweepConfig(policies=["lru", "ebco", "markov", "belady"], capacities=[2, 4],
-                              profile=load_profile("h100-pcie5"), hybrid=hybrid)
+                              profile=load_profile("h100-pcie5"), hybrid=mode != "off", split=mode == "split")
             for r in run_sweep(plans, cfg):
-                rows[(r["policy"], r["capacity"], hybrid)] = r
-        for (pol, C, hybrid), r in rows.items():
-            if hybrid:
+                rows[(r["policy"], r["capacity"], mode)] = r
+        for (pol, C, mode), r in rows.items():
+            if mode != "off":
                 continue
-            h = rows[(pol, C, True)]
-            out.append(f"| {os.path.basename(path)[:-8]} | {pol} | {C} | {r['sim_tokens_per_s']:.2f} | "
-                       f"{h['sim_tokens_per_s']:.2f} | {h['sim_tokens_per_s'] / r['sim_tokens_per_s']:.2f}x | "
-                       f"{h['cpu_miss_share']:.0%} | {r['transfers_per_token']:.2f} | {h['transfers_per_token']:.2f} |")
+            h, sp = rows[(pol, C, "hybrid")], rows[(pol, C, "split")]
+            v = r["sim_tokens_per_s"]
+            out.append(f"| {os.path.basename(path)[:-8]} | {pol} | {C} | {v:.2f} | "
+                       f"{h['sim_tokens_per_s']:.2f} | {h['sim_tokens_per_s'] / v:.2f}x | {h['cpu_miss_share']:.0%} | "
+                       f"{sp['sim_tokens_per_s']:.2f} | {sp['sim_tokens_per_s'] / v:.2f}x | "
+                       f"{sp['cpu_miss_share']:.0%} / {sp['split_miss_share']:.0%} | {r['bytes_per_token'] / 1e9:.2f} | "
+                       f"{h['bytes_per_token'] / 1e9:.2f} | {sp['bytes_per_token'] / 1e9:.2f} |")
     return out + [""]
 
 

@@ -39,7 +39,7 @@ def live(
                                    "torch's matmuls above 2 tokens) | torch"),
 ) -> None:
     """Execute a policy's decisions with pinned experts, real copies and real FFNs; compare with replay."""
-    from tracekit.live.host_ffn import KERNELS     # first: sets OMP_WAIT_POLICY before torch loads libgomp
+    from tracekit.live.host_ffn import KERNELS  # first: sets OMP_WAIT_POLICY before torch loads libgomp
 
     if cpu_kernel not in KERNELS:
         raise UserError(f"--cpu-kernel {cpu_kernel!r}: expected one of {', '.join(KERNELS)}")
