@@ -11,7 +11,8 @@ The replay engine and the live executor call the SAME two functions per (step, l
       the cap allows.
 
 pos = step_index * L + l is the position in the (step, layer) order. Actions are rows of
-act int64[A, 5] = (kind, layer, expert, slot, request_index), kind in HIT / MISS / PREFETCH.
+act int64[A, 5] = (kind, layer, expert, slot, request_index), kind in HIT / MISS / PREFETCH
+(and, with hybrid, CPU / SPLIT; see below).
 
 Prefetch semantics (deterministic, independent of timing, so replay and live agree exactly):
   a prediction targets (layer, step+dstep); it is queued (pf=1) unless resident; it is *issued*
