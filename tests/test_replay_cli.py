@@ -118,6 +118,21 @@ def test_hybrid_moves_fewer_bytes_and_uses_the_cpu():
     assert hyb.cpu_busy_s > 0
 
 
+@needs_shared
+def test_cli_split_json_rows():
+    # `tracekit replay --hybrid --split --format json`: the split columns are there, every request is a
+    # hit, a copied miss, a CPU miss or a split miss, and split misses cut the bytes per token further
+    rows = {}
+    for flags in (["--hybrid"], ["--hybrid", "--split"]):
+        r = run_cli("replay", TWO, "--policy", "lru", "--capacity", "2", "--format", "json", "--jobs", "1", *flags)
+        assert r.returncode == 0, r.stderr
+        rows[len(flags)] = json_rows(r.stdout)[0]
+    h, sp = rows[1], rows[2]
+    assert h["split_misses"] == 0 and sp["split_misses"] > 0 and 0 < sp["split_miss_share"] < 1
+    assert sp["bytes_per_token"] < h["bytes_per_token"]
+    assert sp["sim_tokens_per_s"] > h["sim_tokens_per_s"]
+
+
 def test_cost_breakdown_adds_up():
     """A decode-only trace with every request a miss: time = attention + copies, stall = copy wait."""
     import numpy as np
