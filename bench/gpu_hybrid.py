@@ -83,9 +83,11 @@ def main() -> None:
         _, raw = load_with_extras(a.base_profile)
         hyb = calibrate_cpu(MIXTRAL, threads=a.threads, reps=3 if a.smoke else 5, log=log, kernel=a.cpu_kernel)
         raw = dict(raw) | hyb
-        raw["source"] = (raw.get("source", "").replace("; cpu_ffn_ms not measured", "") +
-                         f"; hybrid keys (cpu_ffn_ms, cpu_threads, act_copy_us, contention_*) measured on {name} by "
-                         f"bench/gpu_hybrid.py (tracekit/live/calib_cpu.py)")
+        # the base profile's own hybrid-keys note (if any) no longer holds: those keys are replaced
+        base_src = raw.get("source", "").replace("; cpu_ffn_ms not measured", "").split("; hybrid keys (")[0]
+        raw["source"] = (base_src + f"; hybrid keys (cpu_ffn_ms, cpu_threads, act_copy_us, contention_*) measured "
+                         f"on {name} by bench/gpu_hybrid.py (tracekit/live/calib_cpu.py); GPU keys from "
+                         f"{a.base_profile}")
         prof_path = os.path.join(a.out, f"{card}-calibrated.json")
         write(raw, prof_path)
         log(f"hybrid calibration: {time.perf_counter() - t0:.1f} s")
