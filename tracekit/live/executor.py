@@ -106,6 +106,7 @@ class TraceExecutor:
         self.rows = rows or chunk_rows(shapes.F, shapes.H, chunk_mb)
         self.bounds = [f0 * 3 * shapes.H for f0, _ in self.rows] + [shapes.numel]
         self.device, self.timing, self.store = device, timing, store
+        self._splits: dict = {}                         # k -> (row ranges, element bounds) of a SPLIT copy
         if dry:
             return
         import torch
@@ -274,7 +275,7 @@ class TraceExecutor:
                 continue
             ne = int(ntoks[ri])
             if kind == SPLIT:                          # its leading rows, from the staging buffer
-                for j, (f0, f1) in enumerate(self._split_rows(sl)):
+                for j, (f0, f1) in enumerate(self._split_rows(sl)[0]):
                     cp.wait_chunk(l, self.C, j, step)
                     ffn_rows(xs[:ne], self.stage, y[:ne], f0, f1)
                 cp.pending[l][self.C] = False
@@ -329,19 +330,23 @@ class TraceExecutor:
         """The first intermediate row the host computes in a SPLIT miss of k / SPLIT_GRID copied."""
         return k * self.shapes.F // ctlmod.SPLIT_GRID
 
-    def _split_rows(self, k: int) -> list:
-        """The copy's chunks (row ranges) cut at split_at(k)."""
-        fk = self.split_at(k)
-        return [(f0, min(f1, fk)) for f0, f1 in self.rows if f0 < fk]
+    def _split_rows(self, k: int) -> tuple:
+        """(the copy's chunks (row ranges) cut at split_at(k), their element bounds); built once per k,
+        since the copy and the GPU's part of every split both need them."""
+        plan = self._splits.get(k)
+        if plan is None:
+            fk, H3 = self.split_at(k), 3 * self.shapes.H
+            parts = [(f0, min(f1, fk)) for f0, f1 in self.rows if f0 < fk]
+            bounds = [f0 * H3 for f0, _ in parts] + [parts[-1][1] * H3] if parts else []
+            plan = self._splits[k] = (parts, bounds)
+        return plan
 
     def _split_copy(self, cp, r, after, step) -> float:
         """Copy a SPLIT miss's leading rows to the staging buffer (slot index C). Returns the bytes."""
         ll, e, k = r[1], r[2], r[3]
-        parts = self._split_rows(k)
+        parts, bounds = self._split_rows(k)
         if not parts:
             return 0.0
-        H3 = 3 * self.shapes.H
-        bounds = [f0 * H3 for f0, _ in parts] + [parts[-1][1] * H3]
         cp.copy(ll, self.C, self.stage.view(-1), self.store.layers[ll][e], bounds, after, step)
         return float(bounds[-1] * 2)
 
