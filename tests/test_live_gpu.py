@@ -19,6 +19,19 @@ def torch():
     return torch
 
 
+def _cheap_cpu_profile(tmp_path, cpu_ms: float, act_us: float) -> str:
+    """h100-pcie5 with a host CPU FFN of cpu_ms per expert-token and act_us per activation copy, written
+    to a file: tiny experts copy in microseconds, so hybrid tests need a CPU that costs about as much."""
+    import json
+
+    prof = json.load(open(os.path.join(os.path.dirname(__file__), "..", "tracekit", "replay", "profiles",
+                                       "h100-pcie5.json")))
+    prof.update(name="cheap-cpu", cpu_ffn_ms={"1": cpu_ms}, act_copy_us=act_us)
+    path = tmp_path / "cheap_cpu.json"
+    path.write_text(json.dumps(prof))
+    return str(path)
+
+
 def test_chunked_ffn_equals_whole(torch):
     from tracekit.live.ffn import chunk_rows, ffn_rows
 
@@ -68,18 +81,12 @@ def test_model_driven_tiny_identical(torch):
 def test_model_driven_hybrid_tiny_identical(torch, tmp_path):
     # model-driven --hybrid on the GPU: misses computed on the host CPU (tiny experts, so a profile where
     # the CPU is cheap) and copies both happen, and greedy tokens stay identical to the plain model
-    import json
-
     from tracekit.live.session import model_run
 
-    prof = json.load(open(os.path.join(os.path.dirname(__file__), "..", "tracekit", "replay", "profiles",
-                                       "h100-pcie5.json")))
-    prof.update(name="cheap-cpu", cpu_ffn_ms={"1": 0.002}, act_copy_us=0.5)
-    path = tmp_path / "cheap_cpu.json"
-    path.write_text(json.dumps(prof))
+    path = _cheap_cpu_profile(tmp_path, cpu_ms=0.002, act_us=0.5)
     for pol in ("lru", "markov"):
         r = model_run("tiny-mixtral", pol, 2, 2, 4.0, random_weights=True, max_tokens=12, device="cuda",
-                      n_prompts=2, log=lambda m: None, hybrid=True, profile=str(path))
+                      n_prompts=2, log=lambda m: None, hybrid=True, profile=path)
         c = r["counters"]
         assert r["identical"], r
         assert c["cpu_misses"] > 0 and c["demand_transfers"] > 0, c
@@ -117,18 +124,12 @@ def test_live_hybrid_split_counters_equal_replay(torch, tmp_path):
     # trace-driven --hybrid --split on the GPU (small shapes, chunked and whole copies; a profile whose CPU
     # FFN costs about a copy of these 3 MB experts, so that splitting pays): counters equal replay's and
     # some misses are split
-    import json
-
     from tracekit.live.executor import Shapes
     from tracekit.live.session import trace_sweep
 
-    prof = json.load(open(os.path.join(os.path.dirname(__file__), "..", "tracekit", "replay", "profiles",
-                                       "h100-pcie5.json")))
-    prof.update(name="cheap-cpu", cpu_ffn_ms={"1": 0.05}, act_copy_us=5.0)
-    path = tmp_path / "cheap_cpu.json"
-    path.write_text(json.dumps(prof))
+    path = _cheap_cpu_profile(tmp_path, cpu_ms=0.05, act_us=5.0)
     sh = Shapes(32, 8, 512, 1024, 128)
-    rows = trace_sweep(DEC, ["lru"], [2], 2, (0.0, 4.0), 4, 12, str(path), "cuda", shapes=sh,
+    rows = trace_sweep(DEC, ["lru"], [2], 2, (0.0, 4.0), 4, 12, path, "cuda", shapes=sh,
                        log=lambda m: None, hybrids=("split",), cpu_threads=2)
     assert all(r["bookkeeping_equal"] and r["split"] for r in rows)
     assert all(r["counters"]["split_misses"] > 0 and r["live_tok_s"] > 0 for r in rows)
