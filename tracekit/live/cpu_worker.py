@@ -11,11 +11,8 @@ tracekit.live.host_ffn (the fused numba kernel for a few tokens, torch's matmuls
 and torch threads set inside it (default: usable cores minus one, the main thread keeps one).
 Both release the GIL, so the main thread keeps enqueueing GPU work meanwhile. Per job:
 wait on the event of the hidden state's device->host copy (in this thread: the main thread never
-synchronizes for it), FFN on the host, signal done. Where the layer needs the result, the compute
-stream waits for it: on CUDA with stream memory operations (tracekit.live.stream_wait) the worker
-writes the job's number into a pinned flag and the GPU waits for the flag, so the main thread never
-blocks and has the result's host->device copy, the add and the next layers enqueued already;
-otherwise (or with TRACEKIT_CPU_WAIT=host) the main thread waits for the job, then enqueues them.
+synchronizes for it), FFN on the host, signal done. The main thread waits for a job only where the
+layer needs the result, then copies it host->device on the compute stream and adds it.
 """
 
 from __future__ import annotations
@@ -71,13 +68,12 @@ class HybridClock:
 
 
 class _Job:
-    __slots__ = ("done", "step", "seconds", "flag")
+    __slots__ = ("done", "step", "seconds")
 
-    def __init__(self, step: int, flag: tuple | None = None):
+    def __init__(self, step: int):
         self.done = threading.Event()
         self.step = step
         self.seconds = 0.0
-        self.flag = flag                # (flag index, value) the worker writes when done (stream wait)
 
 
 class CpuWorker:
@@ -96,14 +92,6 @@ class CpuWorker:
         self.yh = [torch.empty((E, T, H), dtype=torch.bfloat16, pin_memory=pin) for _ in range(2)]
         self.ydev = torch.empty((E, T, H), dtype=torch.bfloat16, device=device)
         self.d2h = torch.cuda.Stream() if self.cuda else None
-        self.flags = None               # StreamFlags, one per (parity, j): the GPU waits for CPU results
-        if self.cuda and os.environ.get("TRACEKIT_CPU_WAIT", "stream") != "host":
-            from tracekit.live.stream_wait import StreamFlags
-
-            self.flags = StreamFlags.open(2 * E)
-        self.gpu_wait = "stream" if self.flags is not None else "host"
-        self._seq = [0] * (2 * E)
-        self._E = E
         self.jobs: list = []            # every finished _Job (for timing)
         self._err: BaseException | None = None
         self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -138,12 +126,10 @@ class CpuWorker:
                 t0 = time.perf_counter()
                 ffn(x, w, y)
                 job.seconds = time.perf_counter() - t0
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by collect()/check()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by wait()
                 self._err = exc
             finally:
                 job.done.set()
-                if job.flag is not None:        # after the result (and on failure: the GPU must not hang)
-                    self.flags.set(*job.flag)
 
     def send_hidden(self, xs, n: int, parity: int, after):
         """Copy xs[:n] device->host after event `after` (on the d2h stream). -> (host view, event)."""
@@ -162,25 +148,16 @@ class CpuWorker:
 
     def submit(self, ev, x, w, parity: int, j: int, step: int) -> _Job:
         """Host FFN of expert w (host [F, 3, H]) on x (host [n, H]) into yh[parity][j]."""
-        flag = None
-        if self.flags is not None:
-            i = parity * self._E + j
-            self._seq[i] += 1
-            flag = (i, self._seq[i])
-        job = _Job(step, flag)
+        job = _Job(step)
         self._q.put((job, ev, x, w, self.yh[parity][j][: x.shape[0]]))
         return job
 
     def collect(self, job: _Job, parity: int, j: int, n: int, out) -> None:
-        """out[:n] += the job's result, on the current (compute) stream, once the job is done: the
-        stream waits for the job's flag (the host goes on), or the host waits for the job."""
-        import torch
-
-        if job.flag is not None:
-            self.flags.wait(torch.cuda.current_stream(), *job.flag)
-        else:
-            job.done.wait()
-        self.check()
+        """Wait for the job (host), then out[:n] += its result, on the current (compute) stream."""
+        job.done.wait()
+        if self._err is not None:
+            err, self._err = self._err, None
+            raise err
         self.jobs.append(job)
         yh = self.yh[parity][j][:n]
         if not self.cuda:
@@ -189,12 +166,6 @@ class CpuWorker:
         yd = self.ydev[j, :n]
         yd.copy_(yh, non_blocking=True)
         out[:n].add_(yd)
-
-    def check(self) -> None:
-        """Raise a failed job's error here, in the main thread (collect, and after the run)."""
-        if self._err is not None:
-            err, self._err = self._err, None
-            raise err
 
     def close(self) -> None:
         if self._t.is_alive():

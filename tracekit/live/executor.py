@@ -216,8 +216,6 @@ class TraceExecutor:
         if cp is not None and cp.cuda:
             import torch as _t
             _t.cuda.synchronize()
-        if self.worker is not None:
-            self.worker.check()                         # a CPU job that failed after its last collect
         wall = time.perf_counter() - w0
         res = LiveResult(spec.name, C, cap, len(self.rows), L, ctlmod.counters_dict(ctl), S,
                          int(np.diff(tok_ptr[: S + 1])[decode[:S] == 1].sum()), wall_s=wall)
@@ -230,7 +228,6 @@ class TraceExecutor:
             res.cpu_busy_s = float(sum(j.seconds for j in dj))
             res.extra["cpu_threads"] = self.worker.threads
             res.extra["cpu_kernel"] = self.worker.kernel
-            res.extra["cpu_result_wait"] = self.worker.gpu_wait
         res.bytes_total = float(step_bytes.sum()) if cp is not None else \
             ctlmod.experts_copied(res.counters) * self.shapes.expert_bytes
         res.bytes_decode = float(step_bytes[decode[:S] == 1].sum()) if cp is not None else \
