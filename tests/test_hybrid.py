@@ -129,8 +129,10 @@ def test_cpu_executor_hybrid_full_path_equals_replay(policy):
             store.free()
 
 
-def test_cpu_executor_split_full_path_equals_replay():
-    # --split on a CPU "device" with a real worker: counters equal replay's, split misses happen, and the
+@pytest.mark.parametrize("worker", ["thread", "ring"])
+def test_cpu_executor_split_full_path_equals_replay(worker):
+    # --split on a CPU "device" with a real worker (the thread worker, or the GIL-free ring worker of
+    # tracekit/live/ring_worker.py): counters equal replay's, split misses happen, and the
     # bytes copied are whole experts plus exactly the split rows (F = 64: a grid unit is one row)
     tr = synthetic()
     plan = build_plan(tr)
@@ -142,11 +144,18 @@ def test_cpu_executor_split_full_path_equals_replay():
     store = ExpertStore(4, 8, sh.numel, pin=False)
     ex = TraceExecutor(sh, 2, "cpu", store, rows=[(0, 24), (24, 48), (48, 64)], timing=False, max_tokens=16,
                        cpu_threads=1)
+    if worker == "ring":
+        from tracekit.live.ring_worker import RingWorker
+
+        ex.worker = RingWorker(sh, 16, store, "cpu", 1)
     try:
         res = ex.run(spec, plan, 2, 2, ctx, hybrid=prof, split=True)
         assert res.counters == want
         assert res.bytes_total == (want["transfers"] + want["split_units"] / 64) * sh.expert_bytes
         assert res.cpu_jobs == want["decode_cpu_misses"] + want["decode_split_misses"]
+        assert res.cpu_busy_s > 0 and want["cpu_misses"] > 0
+        if worker == "ring":
+            assert ex.worker.ctl[1] == ex.worker.ctl[0] > 0          # every queued job was done
     finally:
         ex.close()
         store.free()

@@ -133,16 +133,20 @@ def test_live_hybrid_split_counters_equal_replay(torch, tmp_path):
                        log=lambda m: None, hybrids=("split",), cpu_threads=2)
     assert all(r["bookkeeping_equal"] and r["split"] for r in rows)
     assert all(r["counters"]["split_misses"] > 0 and r["live_tok_s"] > 0 for r in rows)
+    assert all(r["cpu_result_wait"] == "stream" for r in rows)     # the GIL-free ring worker ran
 
 
-def test_split_layer_output_equals_copied_expert_gpu(torch):
+@pytest.mark.parametrize("worker", ["thread", "ring"])
+def test_split_layer_output_equals_copied_expert_gpu(torch, worker):
     # one layer, one miss: copied whole, computed on the host, and split at several points, through the
-    # executor's layer code with real streams and events: outputs agree within bf16 tolerance
+    # executor's layer code with real streams and events: outputs agree within bf16 tolerance (with the
+    # thread worker the host waits for CPU results; with the ring worker the compute stream does)
     import numpy as np
 
     from tracekit.live.copier import Copier
     from tracekit.live.cpu_worker import CpuWorker
     from tracekit.live.executor import Shapes, TraceExecutor
+    from tracekit.live.ring_worker import RingWorker
     from tracekit.live.store import ExpertStore
     from tracekit.replay.controller import CPU, MISS, SPLIT
 
@@ -151,7 +155,8 @@ def test_split_layer_output_equals_copied_expert_gpu(torch):
     g = torch.Generator().manual_seed(1)
     store.layers[1][2].copy_((torch.randn(sh.numel, generator=g) * 0.05).to(torch.bfloat16))
     ex = TraceExecutor(sh, 2, "cuda", store, chunk_mb=0.5, timing=False, max_tokens=4)
-    ex.worker = CpuWorker(sh, 4, "cuda", threads=2)
+    ex.worker = CpuWorker(sh, 4, "cuda", threads=2) if worker == "thread" else RingWorker(sh, 4, store, "cuda", 2)
+    assert ex.worker.gpu_wait == ("host" if worker == "thread" else "stream")
     try:
         xs = ex.x[:2]
         outs = {}
@@ -168,3 +173,33 @@ def test_split_layer_output_equals_copied_expert_gpu(torch):
     finally:
         ex.close()
         store.free()
+
+
+def test_stream_and_host_flags(torch):
+    # a stream waits for a flag the host sets (work behind the wait does not run before), and a stream
+    # writes a flag once its earlier work is done
+    import time
+
+    from tracekit.live.stream_wait import StreamFlags
+
+    sf = StreamFlags.open(4)
+    assert sf is not None
+    s = torch.cuda.Stream()
+    src = torch.ones(1 << 20, device="cuda")
+    dst = torch.zeros(1 << 20, device="cuda")
+    sf.wait(s, 2, 5)
+    with torch.cuda.stream(s):
+        dst.copy_(src)
+        done = torch.cuda.Event()
+        done.record(s)
+    sf.write(s, 3, 7)
+    sf.set(2, 4)                                   # below the value waited for
+    time.sleep(0.2)
+    assert not done.query() and int(sf.np[3]) == 0
+    sf.set(2, 5)
+    t0 = time.perf_counter()
+    while int(sf.np[3]) != 7:                      # the host sees the stream's write
+        assert time.perf_counter() - t0 < 10
+    assert done.query()                            # written after the copy
+    torch.cuda.synchronize()
+    assert dst.sum().item() == 1 << 20

@@ -112,4 +112,5 @@ def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_n
         "cpu_ms_per_job": live.cpu_busy_s / live.cpu_jobs * 1e3 if live.cpu_jobs else float("nan"),
         "cpu_threads": live.extra.get("cpu_threads", 0),
         "cpu_kernel": live.extra.get("cpu_kernel", ""),
+        "cpu_result_wait": live.extra.get("cpu_result_wait", ""),
     }

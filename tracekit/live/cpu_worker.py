@@ -67,6 +67,17 @@ class HybridClock:
         return float(self.tl[2][self._cost.A_CPU_BUSY])
 
 
+def add_host_result(yh, ydev, j: int, out, cuda: bool) -> None:
+    """out[:n] += yh (host [n, H]) on the current stream; on CUDA through ydev[j] (device scratch)."""
+    n = yh.shape[0]
+    if not cuda:
+        out[:n].add_(yh)
+        return
+    yd = ydev[j, :n]
+    yd.copy_(yh, non_blocking=True)
+    out[:n].add_(yd)
+
+
 class _Job:
     __slots__ = ("done", "step", "seconds")
 
@@ -93,6 +104,7 @@ class CpuWorker:
         self.ydev = torch.empty((E, T, H), dtype=torch.bfloat16, device=device)
         self.d2h = torch.cuda.Stream() if self.cuda else None
         self.jobs: list = []            # every finished _Job (for timing)
+        self.gpu_wait = "host"          # the main thread waits for each job (ring_worker: the GPU does)
         self._err: BaseException | None = None
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._ready = threading.Event()
@@ -146,8 +158,9 @@ class CpuWorker:
             ev.record(self.d2h)
         return xh, ev
 
-    def submit(self, ev, x, w, parity: int, j: int, step: int) -> _Job:
-        """Host FFN of expert w (host [F, 3, H]) on x (host [n, H]) into yh[parity][j]."""
+    def submit(self, ev, x, w, parity: int, j: int, step: int, src=None) -> _Job:
+        """Host FFN of expert w (host [F, 3, H]) on x (host [n, H]) into yh[parity][j]. (src: where w
+        comes from, for ring_worker.RingWorker's interface; not needed here.)"""
         job = _Job(step)
         self._q.put((job, ev, x, w, self.yh[parity][j][: x.shape[0]]))
         return job
@@ -155,17 +168,15 @@ class CpuWorker:
     def collect(self, job: _Job, parity: int, j: int, n: int, out) -> None:
         """Wait for the job (host), then out[:n] += its result, on the current (compute) stream."""
         job.done.wait()
+        self.check()
+        self.jobs.append(job)
+        add_host_result(self.yh[parity][j][:n], self.ydev, j, out, self.cuda)
+
+    def check(self) -> None:
+        """Raise a failed job's error here, in the main thread."""
         if self._err is not None:
             err, self._err = self._err, None
             raise err
-        self.jobs.append(job)
-        yh = self.yh[parity][j][:n]
-        if not self.cuda:
-            out[:n].add_(yh)
-            return
-        yd = self.ydev[j, :n]
-        yd.copy_(yh, non_blocking=True)
-        out[:n].add_(yd)
 
     def close(self) -> None:
         if self._t.is_alive():

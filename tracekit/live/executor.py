@@ -132,13 +132,26 @@ class TraceExecutor:
                             f"{self.shapes.L} x {self.shapes.E}")
         ctx = ctx or make_context(plan, capacity)
         if hybrid is not None and not self.dry and self.worker is None:
-            from tracekit.live.cpu_worker import CpuWorker
-
-            self.worker = CpuWorker(self.shapes, self.x.shape[0], self.device, self.cpu_threads,
-                                    self.cpu_kernel)
+            self.worker = self._new_worker()
         if warmup_steps and not self.dry:
             self._loop(spec, plan, capacity, cap, ctx, min(warmup_steps, plan.num_steps), False, hybrid, split)
         return self._loop(spec, plan, capacity, cap, ctx, plan.num_steps, self.timing, hybrid, split)
+
+    def _new_worker(self):
+        """The CPU worker: on CUDA with the fused kernel, the GIL-free RingWorker (the compute stream
+        waits for CPU results); else, or with TRACEKIT_CPU_WAIT=host, CpuWorker (the host waits)."""
+        import os
+
+        from tracekit.live.cpu_worker import CpuWorker
+
+        if self.cpu_kernel == "fused" and os.environ.get("TRACEKIT_CPU_WAIT", "stream") != "host":
+            import torch
+
+            if torch.device(self.device).type == "cuda":
+                from tracekit.live.ring_worker import RingWorker
+
+                return RingWorker(self.shapes, self.x.shape[0], self.store, self.device, self.cpu_threads)
+        return CpuWorker(self.shapes, self.x.shape[0], self.device, self.cpu_threads, self.cpu_kernel)
 
     def close(self) -> None:
         if self.worker is not None:
@@ -216,6 +229,8 @@ class TraceExecutor:
         if cp is not None and cp.cuda:
             import torch as _t
             _t.cuda.synchronize()
+        if self.worker is not None:
+            self.worker.check()                         # a failed CPU job; the times of finished ones
         wall = time.perf_counter() - w0
         res = LiveResult(spec.name, C, cap, len(self.rows), L, ctlmod.counters_dict(ctl), S,
                          int(np.diff(tok_ptr[: S + 1])[decode[:S] == 1].sum()), wall_s=wall)
@@ -228,6 +243,7 @@ class TraceExecutor:
             res.cpu_busy_s = float(sum(j.seconds for j in dj))
             res.extra["cpu_threads"] = self.worker.threads
             res.extra["cpu_kernel"] = self.worker.kernel
+            res.extra["cpu_result_wait"] = self.worker.gpu_wait
         res.bytes_total = float(step_bytes.sum()) if cp is not None else \
             ctlmod.experts_copied(res.counters) * self.shapes.expert_bytes
         res.bytes_decode = float(step_bytes[decode[:S] == 1].sum()) if cp is not None else \
@@ -323,7 +339,8 @@ class TraceExecutor:
             w = self.store.layers[l][r[2]].view(E3)
             if r[0] == SPLIT:
                 w = w[self.split_at(r[3]):]
-            out.append((wk.submit(ev, xh[:ne], w, p, j, step), ne))
+            out.append((wk.submit(ev, xh[:ne], w, p, j, step, src=(l, r[2], self.split_at(r[3]) if r[0] == SPLIT else 0)),
+                        ne))
         return out
 
     def split_at(self, k: int) -> int:
