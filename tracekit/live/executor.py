@@ -150,7 +150,10 @@ class TraceExecutor:
             if torch.device(self.device).type == "cuda":
                 from tracekit.live.ring_worker import RingWorker
 
-                return RingWorker(self.shapes, self.x.shape[0], self.store, self.device, self.cpu_threads)
+                try:
+                    return RingWorker(self.shapes, self.x.shape[0], self.store, self.device, self.cpu_threads)
+                except RuntimeError:      # the GPU or driver cannot wait on host flags
+                    pass
         return CpuWorker(self.shapes, self.x.shape[0], self.device, self.cpu_threads, self.cpu_kernel)
 
     def close(self) -> None:

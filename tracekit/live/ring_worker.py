@@ -144,12 +144,15 @@ class RingWorker:
         try:
             numba.set_num_threads(self.threads)
             xh, yh = self._u16
-            self._ready.set()
-            _serve_ring(self.ring, self.ctl, self.flags, xh, yh, self._W, self._part, self._xf, self.secs,
-                        self._ts, self.F, self.H, self.threads)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by check()
+            args = (self.flags, xh, yh, self._W, self._part, self._xf, self.secs, self._ts, self.F, self.H,
+                    self.threads)
+            _serve_ring(self.ring, np.array([0, 0, 1], dtype=np.int64), *args)   # compile now (stops at once)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by __init__
             self._err = exc
             self._ready.set()
+            return
+        self._ready.set()                 # running: a job the GPU waits for will be done
+        _serve_ring(self.ring, self.ctl, *args)
 
     # ---- main thread -------------------------------------------------------------------------
     def _next(self, i: int) -> int:
