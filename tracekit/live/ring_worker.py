@@ -4,8 +4,8 @@ cpu_worker.CpuWorker makes the MAIN THREAD wait for each CPU job before it enque
 copy, the add and the next layer, so the main thread's wake-up and launches sit between the end of
 every CPU job and the next GPU work. Here the compute stream itself waits for the job's result flag
 (tracekit.live.stream_wait), so the main thread runs ahead. That is only safe if finishing a job
-never needs the GIL: the main thread may block inside a CUDA call (a full launch queue) while
-holding it, and then the GPU, waiting for the job, would never release it (we saw exactly this
+never needs the GIL: the main thread may block inside a CUDA call (e.g. on a full launch queue)
+while holding it, and then the GPU, waiting for the job, would never release it (we saw this
 deadlock with a Python worker thread; docs/results_live.md, call 10). So the whole worker loop is
 one numba nogil call:
 
@@ -55,7 +55,8 @@ def _now(ts):
 @njit(nogil=True)
 def _serve_ring(ring, ctl, flags, xh, yh, W, part, xf, secs, ts, F, H, threads):
     # ring int64 [RING, 10]; ctl int64 [3]; flags int32 [*]; xh uint16 [2, T, H]; yh uint16 [2, E, T, H];
-    # W: tuple of L uint16 [E, F * 3 * H]; part float32 [threads * FUSED_MAX_TOKENS * H]; xf float32 [T, H];
+    # W: tuple of L uint16 [E, F * 3 * H]; part float32 [threads * FUSED_MAX_TOKENS * H];
+    # xf float32 [FUSED_MAX_TOKENS, H];
     # secs float64 [RING] (each job's FFN seconds, by ring slot). Returns when ctl[K_STOP] is set and
     # the ring is empty. The external calls in the polling loops make the compiler reload memory.
     R = ring.shape[0]
@@ -122,7 +123,6 @@ class RingWorker:
         self.ctl = np.zeros(3, dtype=np.int64)
         self.secs = np.zeros(RING)
         self._W = tuple(t.view(torch.int16).numpy().view(np.uint16) for t in store.layers)
-        self._store = store
         self._part = np.zeros(self.threads * FUSED_MAX_TOKENS * H, dtype=np.float32)
         self._xf = np.zeros((FUSED_MAX_TOKENS, H), dtype=np.float32)
         self._ts = np.zeros(2, dtype=np.int64)
@@ -130,7 +130,6 @@ class RingWorker:
                      self._yh.view(torch.int16).numpy().view(np.uint16))
         self.jobs: list = []               # every collected job (seconds filled once it is done)
         self._open: list = []              # submitted jobs whose seconds are not read yet
-        self._njobs = 0
         self._err: BaseException | None = None
         self._ready = threading.Event()
         self._t = threading.Thread(target=self._main, name="tracekit-cpu-ring", daemon=True)
