@@ -156,6 +156,9 @@ def test_cpu_executor_split_full_path_equals_replay(worker):
         assert res.cpu_busy_s > 0 and want["cpu_misses"] > 0
         if worker == "ring":
             assert ex.worker.ctl[1] == ex.worker.ctl[0] > 0          # every queued job was done
+            t = ex.worker._t
+            ex.run(spec, plan, 2, 2, ctx)                            # a transfer-only run stops the worker
+            assert ex.worker is None and not t.is_alive()
     finally:
         ex.close()
         store.free()

@@ -133,6 +133,8 @@ class TraceExecutor:
         ctx = ctx or make_context(plan, capacity)
         if hybrid is not None and not self.dry and self.worker is None:
             self.worker = self._new_worker()
+        elif hybrid is None and self.worker is not None:
+            self.close()                  # the ring worker's thread polls while idle: not during other runs
         if warmup_steps and not self.dry:
             self._loop(spec, plan, capacity, cap, ctx, min(warmup_steps, plan.num_steps), False, hybrid, split)
         return self._loop(spec, plan, capacity, cap, ctx, plan.num_steps, self.timing, hybrid, split)
