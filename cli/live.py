@@ -152,7 +152,8 @@ def _print_rows(rows: list, fmt: str) -> None:
             ("= replay", "bookkeeping_equal", "{}")]
     if any(r.get("hybrid") for r in rows):
         cols[-1:-1] = [("cpu share", "cpu_share", "{:.2f}"), ("split share", "split_share", "{:.2f}"),
-                       ("cpu wait ms/tok", "cpu_wait_ms_per_token", "{:.2f}"), ("cpu ms/job", "cpu_ms_per_job", "{:.2f}")]
+                       ("cpu wait ms/tok", "cpu_wait_ms_per_token", "{:.2f}"), ("cpu ms/job", "cpu_ms_per_job", "{:.2f}"),
+                       ("cpu result waited by", "cpu_result_wait", "{}")]     # stream (GPU) or host
     for h, _, _ in cols:
         t.add_column(h)
     for r in rows:
