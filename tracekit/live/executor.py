@@ -341,11 +341,9 @@ class TraceExecutor:
         out = []
         for j, r in enumerate(cpu):
             ne = int(ntoks[r[4]])
-            w = self.store.layers[l][r[2]].view(E3)
-            if r[0] == SPLIT:
-                w = w[self.split_at(r[3]):]
-            out.append((wk.submit(ev, xh[:ne], w, p, j, step, src=(l, r[2], self.split_at(r[3]) if r[0] == SPLIT else 0)),
-                        ne))
+            f0 = self.split_at(r[3]) if r[0] == SPLIT else 0      # the first row the host computes
+            w = self.store.layers[l][r[2]].view(E3)[f0:]
+            out.append((wk.submit(ev, xh[:ne], w, p, j, step, src=(l, r[2], f0)), ne))
         return out
 
     def split_at(self, k: int) -> int:
