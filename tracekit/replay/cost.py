@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit
 
 from tracekit.errors import UserError
-from tracekit.replay.controller import SPLIT_GRID
+from tracekit.replay.controller import CPU, MISS, PREFETCH, SPLIT, SPLIT_GRID
 
 # scalar slots of the numba profile vector
 P_BW, P_OVH, P_BYTES, P_ATTN, P_ATTN_TOK, P_CHUNKS, P_ACT, P_CONT_COPY, P_CONT_CPU = range(9)
@@ -173,10 +173,10 @@ def enqueue_copies(sc, tl, act, n, t_issue):
     dur = copy_duration(sc)
     for r in range(n):
         k = act[r, 0]
-        if k != 1 and k != 2 and k != 4:
+        if k != MISS and k != PREFETCH and k != SPLIT:
             continue
         l, e, s = act[r, 1], act[r, 2], act[r, 3]
-        if k == 4:
+        if k == SPLIT:
             f = s / SPLIT_GRID
             d = (sc[P_OVH] + f * sc[P_BYTES] / sc[P_BW]) * sc[P_CONT_COPY]
             start = max(t_issue, acc[A_ENGINE])
@@ -209,19 +209,19 @@ def layer_time(sc, ffn_tok, ffn_s, cpu_tok, cpu_s, tl, act, n, req_ntok, t_route
     t = t_route
     for r in range(n):
         k = act[r, 0]
-        if k == 2:
+        if k == PREFETCH:
             continue
         l, e, s, i = act[r, 1], act[r, 2], act[r, 3], act[r, 4]
         gpu = 1.0                       # the share of the expert's rows the GPU computes
         back = 0.0
-        if k >= 3:                      # hybrid: the expert (k 3) or its rows [s/GRID, 1) (k 4) on the host
-            gpu = 0.0 if k == 3 else s / SPLIT_GRID
+        if k == CPU or k == SPLIT:      # hybrid: the expert (CPU) or its rows [s/GRID, 1) (SPLIT) on the host
+            gpu = 0.0 if k == CPU else s / SPLIT_GRID
             start = max(t_route + sc[P_ACT], acc[A_CPU])
             c = interp(cpu_tok, cpu_s, req_ntok[i]) * sc[P_CONT_CPU] * (1.0 - gpu)
             acc[A_CPU] = start + c
             acc[A_CPU_BUSY] += c
             back = start + c + sc[P_ACT]
-            if k == 3:
+            if k == CPU:
                 if back > t:
                     acc[A_STALL] += back - t
                     t = back
@@ -231,7 +231,7 @@ def layer_time(sc, ffn_tok, ffn_s, cpu_tok, cpu_s, tl, act, n, req_ntok, t_route
         acc[A_STALL] += end - (t + f)
         acc[A_COMPUTE] += f
         t = end
-        if k == 4:                      # split: the host's part is added when it is back
+        if k == SPLIT:                  # split: the host's part is added when it is back
             if back > t:
                 acc[A_STALL] += back - t
                 t = back
