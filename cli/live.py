@@ -34,7 +34,7 @@ def live(
                                 "model (--profile, which needs cpu_ffn_ms) decides"),
     split: bool = typer.Option(False, help="with --hybrid, trace-driven: a layer's only miss is split between a "
                                "partial copy and the host CPU (replay --split)"),
-    cpu_threads: Optional[int] = typer.Option(None, help="threads of the CPU-miss worker (default: cores - 1)"),
+    cpu_threads: Optional[int] = typer.Option(None, help="threads of the host kernel for CPU misses (default: cores - 1)"),
     cpu_kernel: str = typer.Option("fused", help="CPU-miss kernel: fused (one pass over the weights, numba; "
                                    "torch's matmuls above 2 tokens) | torch"),
 ) -> None:
@@ -73,16 +73,15 @@ def live(
             shapes, log=_log, hybrids=("split" if split else hybrid,), cpu_threads=cpu_threads,
             cpu_kernel=cpu_kernel))
         return _print_rows(rows, fmt)
-    if hybrid and cpu_threads:
-        raise UserError("--cpu-threads applies to the trace-driven CPU worker; model-driven --hybrid computes "
-                        "on the host synchronously with torch's default threads")
     res = _interruptible(lambda: session.model_run(model, policy, capacity, cap, chunk_mb, random_weights,
                                                    prompts, layers, max_tokens, device, log=_log,
-                                                   hybrid=hybrid, profile=profile))
+                                                   hybrid=hybrid, profile=profile, cpu_threads=cpu_threads,
+                                                   cpu_kernel=cpu_kernel))
     print(json.dumps(res, indent=2) if fmt == "json" else
           f"identical={res['identical']}  resident {res['resident_tok_s']:.2f} tok/s  offloaded "
           f"{res['offloaded_tok_s']:.2f} tok/s  hit {res['hit_rate']:.3f}"
-          + (f"  cpu share {res['cpu_share']:.2f}" if hybrid else ""))
+          + (f"  cpu share {res['cpu_share']:.2f}  {res['cpu_ms_per_job']:.2f} ms per CPU expert "
+             f"({res['cpu_kernel']} kernel)" if hybrid else ""))
     if not res["identical"]:
         raise UserError("offloaded greedy output differs from the resident model")
 

@@ -320,11 +320,18 @@ def test_cli_split_needs_hybrid_and_a_trace(args, msg, capsys):
     assert code != 0 and msg in cap.err and len(cap.err.strip().splitlines()) == 1
 
 
-def test_cli_hybrid_model_cpu_threads_refused(capsys):
-    # model-driven --hybrid exists (tests/test_hybrid_model.py); its host compute has no worker thread
-    code, cap = _cli(["live", "--model", "tiny-mixtral", "--hybrid", "--cpu-threads", "2", "--device", "cpu"],
+def test_cli_hybrid_model_cpu_options(capsys):
+    # model-driven --hybrid takes --cpu-threads and --cpu-kernel and reports the kernel that ran (fp32 on a
+    # CPU device: torch's, the fused kernel is bf16 only); a bad kernel name is one clear line
+    from tracekit.cli.app import main
+
+    main(["live", "--model", "tiny-mixtral", "--hybrid", "--cpu-threads", "2", "--device", "cpu",
+          "--max-tokens", "4", "--format", "json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["cpu_kernel"] == "torch" and r["cpu_threads"] is None and "cpu_ms_per_job" in r
+    code, cap = _cli(["live", "--model", "tiny-mixtral", "--hybrid", "--cpu-kernel", "blas", "--device", "cpu"],
                      capsys)
-    assert code != 0 and "--cpu-threads" in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert code != 0 and "--cpu-kernel" in cap.err and len(cap.err.strip().splitlines()) == 1
 
 
 def test_cli_hybrid_model_runs(capsys):

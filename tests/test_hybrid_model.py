@@ -96,3 +96,94 @@ def test_model_hybrid_needs_cpu_table(reference):
 
     with pytest.raises(UserError, match="cpu_ffn_ms"):
         _run(reference[0], "lru", 2, dataclasses.replace(PROFILE, cpu_ffn_ms={}))
+
+
+# ---- bf16: the fused host kernel on transformers' layout ----------------------------------------
+
+@pytest.mark.parametrize("n,f0", [(1, 0), (2, 0), (1, 40)])
+def test_fused_hf_kernel_matches_eager(n, f0):
+    # host_ffn.ffn_fused_hf on [2F, H] / [H, F] bf16 weights (rows f0..F) against transformers' eager
+    # expert maths with torch's host matmuls: equal within one bf16 step of the output's magnitude
+    import numpy as np
+    import torch.nn.functional as Fn
+
+    from tracekit.live.host_ffn import ffn_fused_hf
+
+    g = torch.Generator().manual_seed(n * 100 + f0)
+    H, F = 64, 96
+    gu = (torch.randn(2 * F, H, generator=g) * 0.1).bfloat16()
+    dn = (torch.randn(H, F, generator=g) * 0.1).bfloat16()
+    x = torch.randn(n, H, generator=g).bfloat16()
+    gate, up = Fn.linear(x, torch.cat([gu[f0:F], gu[F + f0:]])).chunk(2, dim=-1)
+    ref = Fn.linear(Fn.silu(gate) * up, dn[:, f0:].contiguous())
+    out = torch.empty(n, H, dtype=torch.bfloat16)
+
+    def bits(t):
+        return t.view(torch.int16).numpy().view(np.uint16)
+
+    ffn_fused_hf(x.float().numpy(), bits(gu), bits(dn), f0, np.zeros((n, F), np.float32), bits(out))
+    scale = ref.float().abs().max()
+    assert scale > 0.05
+    assert torch.allclose(out.float(), ref.float(), rtol=2 ** -7, atol=2 ** -8 * float(scale))
+
+
+def _run_bf16(ids, kernel, check=None):
+    from tracekit.live.backend import OffloadRunner
+    from tracekit.record.models import load_model
+
+    ld = load_model("tiny-mixtral", device="cpu", dtype="bfloat16")
+    runner = OffloadRunner(ld.model, P.get("lru"), 2, 2, chunk_mb=0.01, hybrid=PROFILE, cpu_kernel=kernel,
+                           cpu_threads=2)
+    if check:
+        check(runner)
+    try:
+        out = _generate(ld.model, ids)
+    finally:
+        runner.close()
+    return runner, out
+
+
+def test_model_hybrid_bf16_fused_kernel_within_tolerance(reference):
+    # bf16 model-driven hybrid: decode CPU misses run the fused kernel, each result within one bf16
+    # step of the eager maths on the same tokens and weights; the counters equal a hybrid replay
+    import torch.nn.functional as Fn
+
+    seen = []
+
+    def check(runner):
+        assert runner._host.on and runner._host.threads == 2
+        real = runner._host.fused
+
+        def fused(l, e, x):
+            y = real(l, e, x)
+            if y is not None:
+                w = runner.store.layers[l][e]
+                F2H = runner.shape_gu[0] * runner.shape_gu[1]
+                gate, up = Fn.linear(x, w[:F2H].view(runner.shape_gu)).chunk(2, dim=-1)
+                ref = Fn.linear(Fn.silu(gate) * up, w[F2H:].view(runner.shape_dn))
+                seen.append(float((y.float() - ref.float()).abs().max() / ref.float().abs().max()))
+            return y
+        runner._host.fused = fused
+
+    runner, _ = _run_bf16(reference[0], "fused", check)
+    c = runner.counters()
+    assert c["decode_cpu_misses"] > 0 and len(seen) >= c["decode_cpu_misses"]
+    assert max(seen) <= 2 ** -7
+    assert runner.cpu_s > 0
+    want = replay_one(P.get("lru"), runner.as_plan(), 2, PROFILE, cap=2, hybrid=True,
+                      expert_bytes=runner.expert_bytes).counters
+    assert c == want
+
+
+def test_model_hybrid_bf16_torch_kernel_identical(reference):
+    # --cpu-kernel torch runs the eager maths on the host: on a CPU device that is the plain bf16 model's
+    # own kernel, so greedy tokens are identical to it
+    from tracekit.live.backend import set_impl
+    from tracekit.record.models import load_model
+
+    ld = load_model("tiny-mixtral", device="cpu", dtype="bfloat16")
+    set_impl(ld.model, "eager")
+    ref = _generate(ld.model, reference[0])
+    runner, out = _run_bf16(reference[0], "torch")
+    assert not runner._host.on and runner.counters()["cpu_misses"] > 0
+    assert torch.equal(out, ref)

@@ -14,11 +14,14 @@ HybridClock (replay's cost-model timeline advanced in replay's order), so the ch
 replay of the requests served. A CPU action (kind CPU) is computed on the host and NOT inserted in
 the GPU cache. The host computation is SYNCHRONOUS, in the main thread (no worker thread): the layer's
 hidden states go device->host once (right after the routing sync, so no extra wait), the layer's
-copies are issued, then the CPU experts run on the host store's weights with the same eager math
-(gate_up / act_fn / down), their outputs go back to the device, are weighted there and index_add_-ed
-in ascending expert order with the GPU experts' outputs. Copies run on the copy stream meanwhile.
-Token-identity is tested on CPU only (where both paths are the same dtype and kernels); on a GPU the
-host bf16 result may differ in the last bits from the device one.
+copies are issued, then the CPU experts run on the host store's weights: bf16 experts of at most 2
+tokens (decode) with host_ffn.ffn_fused_hf (one pass over the weights, numba threads, bf16 rounding
+where eager rounds), others with the eager math itself (gate_up / act_fn / down, torch's host
+matmuls). Their outputs go back to the device, are weighted there and index_add_-ed in ascending
+expert order with the GPU experts' outputs. Copies run on the copy stream meanwhile. No worker
+thread: the next layer's routing sync would wait for this layer's CPU experts anyway.
+Token-identity is tested on CPU only (fp32: both paths use the same kernels); in bf16 the host
+result may differ in the last bits from the device one (docs/results_live.md).
 """
 
 from __future__ import annotations
@@ -63,9 +66,11 @@ def register() -> None:
 class OffloadRunner:
     def __init__(self, model, spec, capacity: int, cap: int = 2, chunk_mb: float = 16.0,
                  params: dict | None = None, decode_tokens: int = 1, hybrid=None,
-                 expert_bytes: float | None = None):
+                 expert_bytes: float | None = None, cpu_kernel: str = "fused", cpu_threads: int | None = None):
         """hybrid: None (transfer only) or a replay Profile (needs cpu_ffn_ms) deciding CPU vs copy;
-        expert_bytes: what the cost model charges per copy (default: this model's expert bytes)."""
+        expert_bytes: what the cost model charges per copy (default: this model's expert bytes);
+        cpu_kernel: "fused" (host_ffn.ffn_fused_hf for bf16 experts of <= FUSED_MAX_TOKENS tokens, with
+        cpu_threads numba threads; torch above) or "torch" (torch's host matmuls, the eager code)."""
         import torch
 
         if spec.kind == "oracle":
@@ -126,6 +131,14 @@ class OffloadRunner:
                 raise
             self.ctl = self.clock.ctl
         self.cpu_jobs = 0
+        self.cpu_s = 0.0                 # host seconds in CPU experts (decode and prefill)
+        self._host = None
+        if hybrid is not None:
+            try:
+                self._host = _HostKernel(self.store, dt, F, H, cpu_kernel, cpu_threads)
+            except BaseException:
+                self.store.free()
+                raise
         self.act = ctlmod.action_rows(self.ctl)
         self.decode_tokens = decode_tokens
         self.step, self.now = -1, 0
@@ -215,16 +228,22 @@ class OffloadRunner:
     def _host_expert(self, mod, l, e, idx, hs_host, dev):
         """Expert e of layer l on the host, from the store's weights. -> (top_k_pos, token_idx, unweighted
         output), all on dev; tokens in torch.where(expert_mask[e]) order (rank-major), as the GPU path."""
+        import time
+
         import torch
         import torch.nn.functional as Fn
 
         top_k_pos, token_idx = np.nonzero(idx.T == e)
-        w = self.store.layers[l][e]
-        gu = w[: self.shape_gu[0] * self.shape_gu[1]].view(self.shape_gu)
-        dn = w[self.shape_gu[0] * self.shape_gu[1]:].view(self.shape_dn)
         tok_h = torch.from_numpy(token_idx.astype(np.int64))
-        gate, up = Fn.linear(hs_host[tok_h], gu).chunk(2, dim=-1)
-        cur = Fn.linear(mod.act_fn(gate) * up, dn)
+        t0 = time.perf_counter()
+        cur = self._host.fused(l, e, hs_host[tok_h])
+        if cur is None:
+            w = self.store.layers[l][e]
+            gu = w[: self.shape_gu[0] * self.shape_gu[1]].view(self.shape_gu)
+            dn = w[self.shape_gu[0] * self.shape_gu[1]:].view(self.shape_dn)
+            gate, up = Fn.linear(hs_host[tok_h], gu).chunk(2, dim=-1)
+            cur = Fn.linear(mod.act_fn(gate) * up, dn)
+        self.cpu_s += time.perf_counter() - t0
         return torch.from_numpy(top_k_pos.astype(np.int64)).to(dev), tok_h.to(dev), cur.to(dev)
 
     def _copy(self, r, after) -> None:
@@ -258,3 +277,48 @@ class OffloadRunner:
     def close(self) -> None:
         self.finish(self.ctl)
         self.store.free()
+
+
+class _HostKernel:
+    """The fused host kernel on the store's weights in transformers' layout (gate_up [2F, H] then
+    down [H, F] per expert), for bf16 experts of at most FUSED_MAX_TOKENS tokens; `fused` returns None
+    where torch's eager code runs instead (another dtype, more tokens, or kernel "torch")."""
+
+    def __init__(self, store, dtype, F: int, H: int, kernel: str, threads: int | None):
+        import torch
+
+        from tracekit.live import host_ffn
+        from tracekit.live.cpu_worker import default_threads
+
+        if kernel not in host_ffn.KERNELS:
+            raise UserError(f"CPU kernel {kernel!r}: expected one of {', '.join(host_ffn.KERNELS)}")
+        self.kernel, self.F, self.H = kernel, F, H
+        self.on = kernel == "fused" and dtype == torch.bfloat16
+        self.threads = 0
+        if not self.on:
+            return
+        import numba
+
+        self.threads = max(1, min(threads or default_threads(), numba.config.NUMBA_NUM_THREADS))
+        self.W = [t.view(torch.int16).numpy().view(np.uint16) for t in store.layers]   # [E, 2FH + HF]
+        self.a = np.zeros((host_ffn.FUSED_MAX_TOKENS, F), dtype=np.float32)
+        self.fn, self.max_tokens = host_ffn.ffn_fused_hf, host_ffn.FUSED_MAX_TOKENS
+        numba.set_num_threads(self.threads)
+        self.fn(np.zeros((1, 1), np.float32), np.zeros((2, 1), np.uint16), np.zeros((1, 1), np.uint16), 0,
+                np.zeros((1, 1), np.float32), np.zeros((1, 1), np.uint16))          # compile (or load) now
+
+    def fused(self, l: int, e: int, x):
+        """x bf16 [n, H] (host) -> bf16 [n, H] (host), or None (not for this kernel)."""
+        n = x.shape[0]
+        if not self.on or n > self.max_tokens or n == 0:
+            return None
+        import numba
+        import torch
+
+        F, H = self.F, self.H
+        w = self.W[l][e]
+        out = torch.empty((n, H), dtype=torch.bfloat16)
+        numba.set_num_threads(self.threads)
+        self.fn(x.float().numpy(), w[: 2 * F * H].reshape(2 * F, H), w[2 * F * H:].reshape(H, F), 0, self.a[:n],
+                out.view(torch.int16).numpy().view(np.uint16))
+        return out

@@ -130,6 +130,32 @@ def ffn_fused(x, w, part, out):
             out[i, h] = _bf16_bits(acc)
 
 
+@njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
+def ffn_fused_hf(x, gu, dn, f0, a, out):
+    # The same maths on transformers' layout (model-driven mode), intermediate rows f0..F only:
+    # x float32 [n, H]; gu uint16 [2F, H] (gate rows, then up rows); dn uint16 [H, F]; a float32 [n, F]
+    # scratch; out uint16 [n, H] (bf16 bits) = bf16(sum_{f >= f0} a[:, f] * dn[:, f]). Two passes: the
+    # intermediate rows (parallel over f), then the down projection (parallel over h, contiguous in f).
+    n, H = x.shape
+    F = dn.shape[1]
+    for f in prange(f0, F):
+        for i in range(n):
+            g = np.float32(0.0)
+            u = np.float32(0.0)
+            for h in range(H):
+                g += x[i, h] * _bits_to_f32(gu[f, h])
+                u += x[i, h] * _bits_to_f32(gu[F + f, h])
+            g = _round_bf16(g)
+            s = _round_bf16(g / (np.float32(1.0) + np.exp(-g)))
+            a[i, f] = _round_bf16(s * _round_bf16(u))
+    for h in prange(H):
+        for i in range(n):
+            acc = np.float32(0.0)
+            for f in range(f0, F):
+                acc += a[i, f] * _bits_to_f32(dn[h, f])
+            out[i, h] = _bf16_bits(acc)
+
+
 def torch_ffn(x, w, out) -> None:
     """out[n, H] = FFN of expert w [F, 3, H] (live layout) on x [n, H], on the host with torch's bf16
     matmuls (no copies of w: the strided gate/up/down views go to the BLAS with their leading dimension)."""

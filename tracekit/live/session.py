@@ -126,9 +126,11 @@ def first_divergence(a, b):
 def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: float = 16.0,
               random_weights: bool = False, prompts: str | None = None, layers: int | None = None,
               max_tokens: int = 32, device: str = "cuda", n_prompts: int = 2, log=print,
-              hybrid: bool = False, profile: str = "h100-pcie5") -> dict:
+              hybrid: bool = False, profile: str = "h100-pcie5", cpu_threads: int | None = None,
+              cpu_kernel: str = "fused") -> dict:
     """Greedy generation without and with offloading; tokens must be identical. hybrid: each miss is
-    copied or computed on the host, as replay's cost model with `profile` (needs cpu_ffn_ms) decides."""
+    copied or computed on the host, as replay's cost model with `profile` (needs cpu_ffn_ms) decides, with
+    the host kernel `cpu_kernel` (backend.OffloadRunner) on `cpu_threads` threads."""
     import torch
 
     from tracekit import policies as P
@@ -159,7 +161,8 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
     gen(ld.model, ld.tokenizer) if device.startswith("cuda") else None       # warm-up
     ref, ref_tps = gen(ld.model, ld.tokenizer)
     prof = load_with_extras(profile)[0] if hybrid else None
-    runner = OffloadRunner(ld.model, P.get(policy), capacity, cap, chunk_mb, hybrid=prof)
+    runner = OffloadRunner(ld.model, P.get(policy), capacity, cap, chunk_mb, hybrid=prof, cpu_kernel=cpu_kernel,
+                           cpu_threads=cpu_threads)
     try:
         gen(ld.model, ld.tokenizer) if device.startswith("cuda") else None
         off, off_tps = gen(ld.model, ld.tokenizer)
@@ -174,6 +177,9 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
            counters["hits"] / max(1, counters["requests"]), "counters": counters,
            "bytes_per_expert": info.get("bytes_per_expert"), "hybrid": hybrid,
            "cpu_share": counters["cpu_misses"] / max(1, counters["cpu_misses"] + counters["demand_transfers"])}
+    if hybrid:
+        res.update(cpu_kernel="fused" if runner._host.on else "torch", cpu_threads=runner._host.threads or None,
+                   cpu_ms_per_job=1e3 * runner.cpu_s / max(1, runner.cpu_jobs))
     log(f"model {model} ({res['layers']} layers) {policy} C={capacity}: identical={res['identical']}, "
         f"resident {ref_tps:.2f} tok/s, offloaded {off_tps:.2f} tok/s")
     return res
