@@ -7,7 +7,8 @@ For each thread count: GB/s of a full read of one expert's bf16 weights (sum ove
 time of one expert's FFN for `--tokens` tokens (default 1) three ways: torch's matmuls on
 transformers' layout (gate_up [2F, H], down [H, F]), and the CPU worker's two kernels on the live
 layout [F, 3, H] (tracekit/live/host_ffn.py: `torch` and the one-pass numba `fused`, which hands
-more than FUSED_MAX_TOKENS tokens to torch's matmuls, as the CPU worker does). Prints one line
+more than FUSED_MAX_TOKENS tokens to torch's matmuls, as the CPU worker does), and the model-driven
+kernel on transformers' layout (`ffn_fused_hf`, up to FUSED_MAX_TOKENS tokens). Prints one line
 per thread count and a JSON summary on the last line. Times are medians of 9 calls, each on the next
 of `--copies` copies of the weights, so that no call reads from the CPU's caches.
 """
@@ -79,8 +80,12 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=4, help="weight copies used in turn (defeats the caches)")
     a = ap.parse_args()
     import numba
+    import numpy as np
 
-    from tracekit.live.host_ffn import HostFFN
+    from tracekit.live.host_ffn import FUSED_MAX_TOKENS, HostFFN, ffn_fused_hf
+
+    def bits(t):
+        return t.view(torch.int16).numpy().view(np.uint16)
 
     H, F = a.H, a.F
     GU, DN, WL = [], [], []
@@ -124,9 +129,19 @@ def main() -> int:
                 k = HostFFN(H, n, kernel)
                 for t in toks:
                     row[f"{kernel}_live_ms_{t}tok"] = median_ms(lambda: k(xs[:t], WL[nxt()], ys[:t]))
+            scratch = np.zeros((FUSED_MAX_TOKENS, F), np.float32)
+            for t in [t for t in toks if t <= FUSED_MAX_TOKENS]:       # model-driven: transformers' layout
+                xf = xs[:t].float().numpy()
+
+                def hf(t=t, xf=xf):
+                    i = nxt()
+                    ffn_fused_hf(xf, bits(GU[i]), bits(DN[i]), 0, scratch[:t], bits(ys[:t]))
+                row[f"fused_hf_ms_{t}tok"] = median_ms(hf)
             out["numba_threading_layer"] = numba.threading_layer()
             out["rows"].append(row)
             live = ", ".join(f"{k.replace('_live_ms_', ' ')} {v:.2f} ms" for k, v in row.items() if "_live_ms_" in k)
+            live += "; transformers' layout: " + ", ".join(f"fused {k[12:]} {v:.2f} ms" for k, v in row.items()
+                                                         if k.startswith("fused_hf_ms_"))
             print(f"threads {n:2d}: read {row['read_GBps']:6.1f} GB/s ({r_ms:.2f} ms; numba, live layout: "
                   f"{row['numba_read_GBps']:.1f} GB/s), expert FFN 1 token "
                   f"{f_ms:.2f} ms ({row['ffn_GBps']:.1f} GB/s of weights); live layout: {live}", flush=True)
