@@ -32,7 +32,7 @@ def live(
     dry_run: bool = typer.Option(False, help="bookkeeping only (no GPU): counters as live/replay count them"),
     hybrid: bool = typer.Option(False, help="each miss is copied or computed on the host CPU, as replay's cost "
                                 "model (--profile, which needs cpu_ffn_ms) decides"),
-    split: bool = typer.Option(False, help="with --hybrid, trace-driven: a layer's only miss is split between a "
+    split: bool = typer.Option(False, help="with --hybrid: a layer's only miss is split between a "
                                "partial copy and the host CPU (replay --split)"),
     cpu_threads: Optional[int] = typer.Option(None, help="threads of the host kernel for CPU misses (default: cores - 1)"),
     cpu_kernel: str = typer.Option("fused", help="CPU-miss kernel: fused (one pass over the weights, numba; "
@@ -56,8 +56,6 @@ def live(
         raise UserError("give --trace T (trace-driven), --model M (model-driven) or --calibrate --out FILE")
     if split and not hybrid:
         raise UserError("--split is a kind of --hybrid: pass both")
-    if split and not trace:
-        raise UserError("--split runs trace-driven (--trace); model-driven --hybrid copies or computes whole experts")
     if not dry_run and device.startswith("cuda"):
         from tracekit.live.session import need_cuda
 
@@ -76,12 +74,13 @@ def live(
     res = _interruptible(lambda: session.model_run(model, policy, capacity, cap, chunk_mb, random_weights,
                                                    prompts, layers, max_tokens, device, log=_log,
                                                    hybrid=hybrid, profile=profile, cpu_threads=cpu_threads,
-                                                   cpu_kernel=cpu_kernel))
+                                                   cpu_kernel=cpu_kernel, split=split))
     print(json.dumps(res, indent=2) if fmt == "json" else
           f"identical={res['identical']}  resident {res['resident_tok_s']:.2f} tok/s  offloaded "
           f"{res['offloaded_tok_s']:.2f} tok/s  hit {res['hit_rate']:.3f}"
           + (f"  cpu share {res['cpu_share']:.2f}  {res['cpu_ms_per_job']:.2f} ms per CPU expert "
-             f"({res['cpu_kernel']} kernel)" if hybrid else ""))
+             f"({res['cpu_kernel']} kernel)" if hybrid else "")
+          + (f"  split share {res['split_share']:.2f}" if split else ""))
     if not res["identical"]:
         raise UserError("offloaded greedy output differs from the resident model")
 

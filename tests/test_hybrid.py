@@ -313,11 +313,21 @@ def test_cli_dry_run_split_json(capsys):
 @pytest.mark.parametrize("args,msg", [
     (["replay", "t.parquet", "--split"], "--hybrid"),
     (["live", "--trace", "t.parquet", "--split"], "--hybrid"),
-    (["live", "--model", "tiny-mixtral", "--hybrid", "--split", "--device", "cpu"], "trace-driven"),
+    (["live", "--model", "tiny-mixtral", "--split", "--device", "cpu"], "--hybrid"),
 ])
-def test_cli_split_needs_hybrid_and_a_trace(args, msg, capsys):
+def test_cli_split_needs_hybrid(args, msg, capsys):
     code, cap = _cli(args, capsys)
     assert code != 0 and msg in cap.err and len(cap.err.strip().splitlines()) == 1
+
+
+def test_cli_hybrid_model_split_runs(capsys):
+    # model-driven --hybrid --split runs and reports its split share (h100-pcie5: tiny experts are copied)
+    from tracekit.cli.app import main
+
+    main(["live", "--model", "tiny-mixtral", "--hybrid", "--split", "--device", "cpu", "--max-tokens", "4",
+          "--format", "json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["identical"] is True and r["split"] is True and r["split_share"] == 0.0
 
 
 def test_cli_hybrid_model_cpu_options(capsys):

@@ -37,12 +37,12 @@ def reference():
     return ids, _generate(ld.model, ids)
 
 
-def _run(ids, policy, C, prof=PROFILE, patch=None):
+def _run(ids, policy, C, prof=PROFILE, patch=None, split=False):
     from tracekit.live.backend import OffloadRunner
     from tracekit.record.models import load_model
 
     ld = load_model("tiny-mixtral", device="cpu")
-    runner = OffloadRunner(ld.model, P.get(policy), C, 2, chunk_mb=0.01, hybrid=prof)
+    runner = OffloadRunner(ld.model, P.get(policy), C, 2, chunk_mb=0.01, hybrid=prof, split=split)
     if patch:
         patch(runner)
     try:
@@ -66,6 +66,31 @@ def test_model_hybrid_identical_and_equals_replay(reference, policy, C):
     assert c == want
     plain = replay_one(P.get(policy), plan, C, PROFILE, cap=2).counters
     assert plain["cpu_misses"] == 0 and c["transfers"] < plain["transfers"]   # CPU misses not cached
+
+
+@pytest.mark.parametrize("policy", ["lru", "markov"])
+def test_model_hybrid_split_identical_and_equals_replay(reference, policy):
+    # --split model-driven: a layer's single miss is split (first rows copied to the staging slot and
+    # computed there, the rest on the host); fp32 greedy tokens identical, counters = a split replay
+    runner, out = _run(reference[0], policy, 2, split=True)
+    assert torch.equal(out, reference[1]), policy
+    c = runner.counters()
+    assert c["split_misses"] > 0 and c["split_units"] > 0 and c["demand_transfers"] > 0
+    assert runner.cpu_jobs == c["cpu_misses"] + c["split_misses"]
+    want = replay_one(P.get(policy), runner.as_plan(), 2, PROFILE, cap=2, hybrid=True, split=True,
+                      expert_bytes=runner.expert_bytes).counters
+    assert c == want
+
+
+def test_broken_split_gpu_part_changes_tokens(reference):
+    # the split identity above is not vacuous: dropping the staging slot's rows changes the tokens
+    def patch(runner):
+        real = runner._split_gpu
+        runner._split_gpu = lambda *a: real(*a) * 0
+
+    runner, out = _run(reference[0], "lru", 2, patch=patch, split=True)
+    assert runner.counters()["split_misses"] > 0
+    assert not torch.equal(out, reference[1])
 
 
 def test_model_hybrid_default_profile_copies_tiny_experts(reference):
@@ -154,8 +179,9 @@ def test_model_hybrid_bf16_fused_kernel_within_tolerance(reference):
         assert runner._host.on and runner._host.threads == 2
         real = runner._host.fused
 
-        def fused(l, e, x):
-            y = real(l, e, x)
+        def fused(l, e, x, f0=0):
+            assert f0 == 0                               # no --split here
+            y = real(l, e, x, f0)
             if y is not None:
                 w = runner.store.layers[l][e]
                 F2H = runner.shape_gu[0] * runner.shape_gu[1]

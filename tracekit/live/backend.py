@@ -36,7 +36,7 @@ from tracekit.policies.base import NEVER
 from tracekit.replay import controller as ctlmod
 
 NAME = "tracekit_offload"
-HIT, PREFETCH, CPU = ctlmod.HIT, ctlmod.PREFETCH, ctlmod.CPU
+HIT, PREFETCH, CPU, SPLIT = ctlmod.HIT, ctlmod.PREFETCH, ctlmod.CPU, ctlmod.SPLIT
 
 
 def experts_modules(model) -> list:
@@ -66,13 +66,17 @@ def register() -> None:
 class OffloadRunner:
     def __init__(self, model, spec, capacity: int, cap: int = 2, chunk_mb: float = 16.0,
                  params: dict | None = None, decode_tokens: int = 1, hybrid=None,
-                 expert_bytes: float | None = None, cpu_kernel: str = "fused", cpu_threads: int | None = None):
+                 expert_bytes: float | None = None, cpu_kernel: str = "fused", cpu_threads: int | None = None,
+                 split: bool = False):
         """hybrid: None (transfer only) or a replay Profile (needs cpu_ffn_ms) deciding CPU vs copy;
         expert_bytes: what the cost model charges per copy (default: this model's expert bytes);
         cpu_kernel: "fused" (host_ffn.ffn_fused_hf for bf16 experts of <= FUSED_MAX_TOKENS tokens, with
-        cpu_threads numba threads; torch above) or "torch" (torch's host matmuls, the eager code)."""
+        cpu_threads numba threads; torch above) or "torch" (torch's host matmuls, the eager code);
+        split (with hybrid): a layer's only miss may be split between a partial copy and the host."""
         import torch
 
+        if split and hybrid is None:
+            raise UserError("--split is a kind of --hybrid: pass both")
         if spec.kind == "oracle":
             raise UserError(f"policy {spec.name} is an oracle (needs future requests): trace-driven mode only")
         mods = experts_modules(model)
@@ -106,7 +110,10 @@ class OffloadRunner:
         self.dn = [[self.slots[l, s, gu:].view(H, F) for s in range(capacity)] for l in range(self.L)]
         step = max(1, int(chunk_mb * 1e6 // self.slots.element_size())) if chunk_mb > 0 else numel
         self.bounds = list(range(0, numel, step)) + [numel]
-        self.cp = Copier(dev, self.L, capacity, len(self.bounds) - 1, timing=False)
+        self.F, self.H = F, H
+        self.split = split
+        self.stage = torch.empty(numel, device=dev, dtype=dt) if split else None   # slot C: a split's rows
+        self.cp = Copier(dev, self.L, capacity + split, len(self.bounds) - 1, timing=False)
         ctx = PolicyContext(self.L, self.E, capacity, self.K, 0, "none", None, self.K, dict(params or {}))
         try:
             self.st = spec.make_state(ctx)
@@ -125,7 +132,7 @@ class OffloadRunner:
 
             try:
                 self.clock = HybridClock(spec, SimpleNamespace(L=self.L, E=self.E), capacity, hybrid,
-                                         self.expert_bytes, self.ctl)
+                                         self.expert_bytes, self.ctl, split)
             except BaseException:
                 self.store.free()
                 raise
@@ -171,13 +178,16 @@ class OffloadRunner:
         self.now += req_e.shape[0]
         rows = self.act[:m].tolist()
         cp = self.cp
-        cpu_rows = [r for r in rows if r[0] == CPU]
+        cpu_rows = [r for r in rows if r[0] == CPU or r[0] == SPLIT]
         hs_host = hidden_states.detach().to("cpu") if cpu_rows else None   # routing already synced
         route = cp.mark("route")
         last_user, deferred = {}, {}
         for i, r in enumerate(rows):
             kind, ll, sl = r[0], r[1], r[3]
             if kind == CPU:
+                continue
+            if kind == SPLIT:
+                self._split_copy(r, route)
                 continue
             if kind != HIT:
                 if ll == l and sl in last_user:
@@ -190,13 +200,16 @@ class OffloadRunner:
             expert_mask = Fn.one_hot(top_k_index, num_classes=self.E + 1).permute(2, 1, 0)
             outs = {}
             for r in cpu_rows:                                         # host experts, copies in flight
-                e = r[2]
-                top_k_pos, token_idx, cur = self._host_expert(mod, l, e, idx, hs_host, hidden_states.device)
-                outs[e] = (token_idx, cur * top_k_weights[token_idx, top_k_pos, None])
+                e, f0 = r[2], self.split_at(r[3]) if r[0] == SPLIT else 0
+                gpu_part = 0.0
+                if f0:                                                 # SPLIT: rows [0, f0) on the GPU, queued
+                    gpu_part = self._split_gpu(mod, l, f0, hidden_states[torch.where(expert_mask[e])[1]])
+                top_k_pos, token_idx, cur = self._host_expert(mod, l, e, idx, hs_host, hidden_states.device, f0)
+                outs[e] = (token_idx, (cur + gpu_part) * top_k_weights[token_idx, top_k_pos, None])
             self.cpu_jobs += len(cpu_rows)
             for i, r in enumerate(rows):
                 kind, e, sl = r[0], r[2], r[3]
-                if kind == PREFETCH or kind == CPU:
+                if kind == PREFETCH or kind == CPU or kind == SPLIT:
                     continue
                 if cp.pending[l][sl]:
                     cp.wait_chunk(l, sl, len(self.bounds) - 2)         # whole expert: its last chunk
@@ -225,9 +238,10 @@ class OffloadRunner:
             self._copy(r, lend)
         return final
 
-    def _host_expert(self, mod, l, e, idx, hs_host, dev):
-        """Expert e of layer l on the host, from the store's weights. -> (top_k_pos, token_idx, unweighted
-        output), all on dev; tokens in torch.where(expert_mask[e]) order (rank-major), as the GPU path."""
+    def _host_expert(self, mod, l, e, idx, hs_host, dev, f0: int = 0):
+        """Expert e of layer l on the host, from the store's weights (its intermediate rows f0..F). ->
+        (top_k_pos, token_idx, unweighted output), all on dev; tokens in torch.where(expert_mask[e]) order
+        (rank-major), as the GPU path."""
         import time
 
         import torch
@@ -236,15 +250,54 @@ class OffloadRunner:
         top_k_pos, token_idx = np.nonzero(idx.T == e)
         tok_h = torch.from_numpy(token_idx.astype(np.int64))
         t0 = time.perf_counter()
-        cur = self._host.fused(l, e, hs_host[tok_h])
+        cur = self._host.fused(l, e, hs_host[tok_h], f0)
         if cur is None:
-            w = self.store.layers[l][e]
-            gu = w[: self.shape_gu[0] * self.shape_gu[1]].view(self.shape_gu)
-            dn = w[self.shape_gu[0] * self.shape_gu[1]:].view(self.shape_dn)
-            gate, up = Fn.linear(hs_host[tok_h], gu).chunk(2, dim=-1)
-            cur = Fn.linear(mod.act_fn(gate) * up, dn)
+            gu, dn = self._expert_views(self.store.layers[l][e])
+            if f0 == 0:
+                gate, up = Fn.linear(hs_host[tok_h], gu).chunk(2, dim=-1)
+            else:
+                gate, up = Fn.linear(hs_host[tok_h], gu[f0:self.F]), Fn.linear(hs_host[tok_h], gu[self.F + f0:])
+            cur = Fn.linear(mod.act_fn(gate) * up, dn[:, f0:])
         self.cpu_s += time.perf_counter() - t0
         return torch.from_numpy(top_k_pos.astype(np.int64)).to(dev), tok_h.to(dev), cur.to(dev)
+
+    def _expert_views(self, w):
+        """flat expert w [2FH + HF] -> (gate_up [2F, H], down [H, F]) views"""
+        n = self.shape_gu[0] * self.shape_gu[1]
+        return w[:n].view(self.shape_gu), w[n:].view(self.shape_dn)
+
+    def split_at(self, k: int) -> int:
+        """The first intermediate row the host computes in a SPLIT miss of k / SPLIT_GRID copied."""
+        return k * self.F // ctlmod.SPLIT_GRID
+
+    def _stage(self, r: int) -> tuple:
+        """The staging slot's views for a split's first r rows: gate [r, H], up [r, H], down [H, r]."""
+        H = self.H
+        st = self.stage
+        return st[: r * H].view(r, H), st[r * H: 2 * r * H].view(r, H), st[2 * r * H: 3 * r * H].view(H, r)
+
+    def _split_copy(self, r, after) -> None:
+        # a SPLIT miss's first rows (gate rows, up rows, down's columns: a 2-D copy) to the staging slot
+        ll, e, k = r[1], r[2], r[3]
+        f0 = self.split_at(k)
+        if f0 == 0:
+            return
+        gu, dn = self._expert_views(self.store.layers[ll][e])
+        g, u, d = self._stage(f0)
+        self.cp.copy_views(ll, self.C, [(g, gu[:f0]), (u, gu[self.F: self.F + f0]), (d, dn[:, :f0])], after)
+
+    def _split_gpu(self, mod, l: int, f0: int, x):
+        """The GPU's part of a split miss: rows [0, f0) of the expert from the staging slot, on x [n, H]."""
+        import torch.nn.functional as Fn
+
+        cp = self.cp
+        if cp.pending[l][self.C]:
+            cp.wait_chunk(l, self.C, 0)
+            cp.pending[l][self.C] = False
+        g, u, d = self._stage(f0)
+        y = Fn.linear(mod.act_fn(Fn.linear(x, g)) * Fn.linear(x, u), d)
+        cp.release(l, self.C)
+        return y
 
     def _copy(self, r, after) -> None:
         ll, e, sl = r[1], r[2], r[3]
@@ -307,8 +360,8 @@ class _HostKernel:
         self.fn(np.zeros((1, 1), np.float32), np.zeros((2, 1), np.uint16), np.zeros((1, 1), np.uint16), 0,
                 np.zeros((1, 1), np.float32), np.zeros((1, 1), np.uint16))          # compile (or load) now
 
-    def fused(self, l: int, e: int, x):
-        """x bf16 [n, H] (host) -> bf16 [n, H] (host), or None (not for this kernel)."""
+    def fused(self, l: int, e: int, x, f0: int = 0):
+        """x bf16 [n, H] (host) -> bf16 [n, H] (host): the expert's rows f0..F; None: not for this kernel."""
         n = x.shape[0]
         if not self.on or n > self.max_tokens or n == 0:
             return None
@@ -319,6 +372,6 @@ class _HostKernel:
         w = self.W[l][e]
         out = torch.empty((n, H), dtype=torch.bfloat16)
         numba.set_num_threads(self.threads)
-        self.fn(x.float().numpy(), w[: 2 * F * H].reshape(2 * F, H), w[2 * F * H:].reshape(H, F), 0, self.a[:n],
+        self.fn(x.float().numpy(), w[: 2 * F * H].reshape(2 * F, H), w[2 * F * H:].reshape(H, F), f0, self.a[:n],
                 out.view(torch.int16).numpy().view(np.uint16))
         return out

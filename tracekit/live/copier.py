@@ -12,6 +12,8 @@ On a CPU "device" copies are synchronous and every wait is a no-op (for bookkeep
 
 from __future__ import annotations
 
+import ctypes
+
 
 class Copier:
     def __init__(self, device, L: int, C: int, n_chunks: int, timing: bool):
@@ -51,10 +53,45 @@ class Copier:
 
     def copy(self, l: int, s: int, dst, src, bounds, after, step: int = -1) -> None:
         """dst, src: flat [numel] tensors; bounds: element offsets [0, b1, ..., numel] of the chunks."""
-        self.pending[l][s] = True
         if not self.cuda:
+            self.pending[l][s] = True
             dst.copy_(src)
             return
+        evs = self.chunk_ev[l][s]
+
+        def issue(st):
+            for j in range(len(bounds) - 1):
+                a, b = bounds[j], bounds[j + 1]
+                dst[a:b].copy_(src[a:b], non_blocking=True)
+                evs[j].record(st)
+            return (bounds[-1] - bounds[0]) * dst.element_size()
+        self._issue(l, s, after, step, issue)
+
+    def copy_views(self, l: int, s: int, pairs, after, step: int = -1) -> None:
+        """Copy (dst, src) view pairs into slot (l, s) as one copy with one event (chunk 0): dst a
+        contiguous device view, src a contiguous host view or a 2-D one with unit inner stride (its
+        rows copied with cuMemcpy2DAsync, pitch = its row stride). For partial experts (split misses)."""
+        if not self.cuda:
+            self.pending[l][s] = True
+            for dst, src in pairs:
+                dst.copy_(src)
+            return
+
+        def issue(st):
+            nbytes = 0
+            for dst, src in pairs:
+                if src.is_contiguous():
+                    dst.copy_(src.reshape(dst.shape), non_blocking=True)
+                else:
+                    memcpy2d_h2d(dst, src, st)
+                nbytes += src.numel() * src.element_size()
+            self.chunk_ev[l][s][0].record(st)
+            return nbytes
+        self._issue(l, s, after, step, issue)
+
+    def _issue(self, l: int, s: int, after, step: int, issue) -> None:
+        # on the copy stream, after `after` and the slot's last reader: issue(stream) -> bytes copied
+        self.pending[l][s] = True
         st = self.stream
         if after is not None:
             st.wait_event(after)
@@ -63,15 +100,11 @@ class Copier:
         if self.timing:
             t0, t1 = self._tev(), self._tev()
             t0.record(st)
-        evs = self.chunk_ev[l][s]
         with self._stream_ctx(st):
-            for j in range(len(bounds) - 1):
-                a, b = bounds[j], bounds[j + 1]
-                dst[a:b].copy_(src[a:b], non_blocking=True)
-                evs[j].record(st)
+            nbytes = issue(st)
         if self.timing:
             t1.record(st)
-            self.copies.append((step, t0, t1, (bounds[-1] - bounds[0]) * dst.element_size()))
+            self.copies.append((step, t0, t1, nbytes))
 
     def _stream_ctx(self, st):
         import torch
@@ -94,3 +127,40 @@ class Copier:
         """The compute that reads slot (l, s) has been enqueued: later copies into it wait for it."""
         if self.cuda:
             self.slot_free[l][s].record(self.compute)
+
+
+# ---- 2-D host -> device copies (CUDA driver API) --------------------------------------------------
+
+class _Memcpy2D(ctypes.Structure):
+    _fields_ = [("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
+                ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
+                ("srcPitch", ctypes.c_size_t),
+                ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t), ("dstMemoryType", ctypes.c_int),
+                ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64), ("dstArray", ctypes.c_void_p),
+                ("dstPitch", ctypes.c_size_t),
+                ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t)]
+
+
+_CU_MEMORYTYPE_HOST, _CU_MEMORYTYPE_DEVICE = 1, 2
+_cu2d = []
+
+
+def memcpy2d_h2d(dst, src, stream) -> None:
+    """dst (contiguous device [h, w]) <- src (host [h, w], row stride >= w, unit inner stride), async on
+    `stream`: one cuMemcpy2DAsync, h rows of w elements (src should be pinned for the copy to be async)."""
+    if not _cu2d:
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuMemcpy2DAsync_v2
+        fn.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        _cu2d.append(fn)
+    h, w = src.shape
+    if src.stride(1) != 1 or tuple(dst.shape) != (h, w) or not dst.is_contiguous():
+        raise ValueError(f"memcpy2d_h2d: src {tuple(src.shape)} stride {src.stride()} -> dst {tuple(dst.shape)}")
+    es = src.element_size()
+    m = _Memcpy2D(srcMemoryType=_CU_MEMORYTYPE_HOST, srcHost=src.data_ptr(), srcPitch=src.stride(0) * es,
+                  dstMemoryType=_CU_MEMORYTYPE_DEVICE, dstDevice=dst.data_ptr(), dstPitch=w * es,
+                  WidthInBytes=w * es, Height=h)
+    r = _cu2d[0](ctypes.byref(m), ctypes.c_void_p(stream.cuda_stream))
+    if r != 0:
+        raise RuntimeError(f"cuMemcpy2DAsync failed with CUDA error {r}")

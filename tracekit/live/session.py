@@ -127,10 +127,11 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
               random_weights: bool = False, prompts: str | None = None, layers: int | None = None,
               max_tokens: int = 32, device: str = "cuda", n_prompts: int = 2, log=print,
               hybrid: bool = False, profile: str = "h100-pcie5", cpu_threads: int | None = None,
-              cpu_kernel: str = "fused") -> dict:
+              cpu_kernel: str = "fused", split: bool = False) -> dict:
     """Greedy generation without and with offloading; tokens must be identical. hybrid: each miss is
     copied or computed on the host, as replay's cost model with `profile` (needs cpu_ffn_ms) decides, with
-    the host kernel `cpu_kernel` (backend.OffloadRunner) on `cpu_threads` threads."""
+    the host kernel `cpu_kernel` (backend.OffloadRunner) on `cpu_threads` threads; split: a layer's only
+    miss may be split between a partial copy and the host."""
     import torch
 
     from tracekit import policies as P
@@ -162,7 +163,7 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
     ref, ref_tps = gen(ld.model, ld.tokenizer)
     prof = load_with_extras(profile)[0] if hybrid else None
     runner = OffloadRunner(ld.model, P.get(policy), capacity, cap, chunk_mb, hybrid=prof, cpu_kernel=cpu_kernel,
-                           cpu_threads=cpu_threads)
+                           cpu_threads=cpu_threads, split=split)
     try:
         gen(ld.model, ld.tokenizer) if device.startswith("cuda") else None
         off, off_tps = gen(ld.model, ld.tokenizer)
@@ -178,6 +179,11 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
            "bytes_per_expert": info.get("bytes_per_expert"), "hybrid": hybrid,
            "cpu_share": counters["cpu_misses"] / max(1, counters["cpu_misses"] + counters["demand_transfers"])}
     if hybrid:
+        res.update(split=split, split_share=counters["split_misses"] / max(1, counters["cpu_misses"] +
+                                                                         counters["split_misses"] +
+                                                                         counters["demand_transfers"]))
+        res["cpu_share"] = counters["cpu_misses"] / max(1, counters["cpu_misses"] + counters["split_misses"] +
+                                                        counters["demand_transfers"])
         res.update(cpu_kernel="fused" if runner._host.on else "torch", cpu_threads=runner._host.threads or None,
                    cpu_ms_per_job=1e3 * runner.cpu_s / max(1, runner.cpu_jobs))
     log(f"model {model} ({res['layers']} layers) {policy} C={capacity}: identical={res['identical']}, "
