@@ -20,6 +20,9 @@ where eager rounds), others with the eager math itself (gate_up / act_fn / down,
 matmuls). Their outputs go back to the device, are weighted there and index_add_-ed in ascending
 expert order with the GPU experts' outputs. Copies run on the copy stream meanwhile. No worker
 thread: the next layer's routing sync would wait for this layer's CPU experts anyway.
+Split (`split=True`, with hybrid): a SPLIT action's first f0 intermediate rows (gate rows, up rows and
+down's columns, the last by a 2-D copy) go to a staging slot (slot C of the copier); the GPU's part is
+queued first, then the host computes rows f0..F, and the two partial outputs are added.
 Token-identity is tested on CPU only (fp32: both paths use the same kernels); in bf16 the host
 result may differ in the last bits from the device one (docs/results_live.md).
 """
