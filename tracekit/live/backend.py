@@ -106,6 +106,7 @@ class OffloadRunner:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             self.slots = torch.empty((self.L, capacity, numel), device=dev, dtype=dt)   # [L, C, 2FH + HF]
+            self.stage = torch.empty(numel, device=dev, dtype=dt) if split else None   # slot C: a split's rows
         except BaseException:
             self.store.free()
             raise
@@ -115,7 +116,6 @@ class OffloadRunner:
         self.bounds = list(range(0, numel, step)) + [numel]
         self.F, self.H = F, H
         self.split = split
-        self.stage = torch.empty(numel, device=dev, dtype=dt) if split else None   # slot C: a split's rows
         self.cp = Copier(dev, self.L, capacity + split, len(self.bounds) - 1, timing=False)
         ctx = PolicyContext(self.L, self.E, capacity, self.K, 0, "none", None, self.K, dict(params or {}))
         try:
