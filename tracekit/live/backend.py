@@ -264,6 +264,16 @@ class OffloadRunner:
         self.cpu_s += time.perf_counter() - t0
         return torch.from_numpy(top_k_pos.astype(np.int64)).to(dev), tok_h.to(dev), cur.to(dev)
 
+    @property
+    def host_kernel(self) -> str | None:
+        """The kernel CPU misses run ("fused" or "torch"); None without hybrid."""
+        return None if self._host is None else ("fused" if self._host.on else "torch")
+
+    @property
+    def host_threads(self) -> int | None:
+        """The fused kernel's numba threads; None where torch's kernel (its own threads) runs."""
+        return self._host.threads if self._host is not None and self._host.on else None
+
     def _expert_views(self, w):
         """flat expert w [2FH + HF] -> (gate_up [2F, H], down [H, F]) views"""
         n = self.shape_gu[0] * self.shape_gu[1]

@@ -177,15 +177,12 @@ def model_run(model: str, policy: str, capacity: int, cap: int = 2, chunk_mb: fl
            "resident_tok_s": ref_tps, "offloaded_tok_s": off_tps, "hit_rate":
            counters["hits"] / max(1, counters["requests"]), "counters": counters,
            "bytes_per_expert": info.get("bytes_per_expert"), "hybrid": hybrid,
-           "cpu_share": counters["cpu_misses"] / max(1, counters["cpu_misses"] + counters["demand_transfers"])}
+           "cpu_share": 0.0}
     if hybrid:
-        res.update(split=split, split_share=counters["split_misses"] / max(1, counters["cpu_misses"] +
-                                                                         counters["split_misses"] +
-                                                                         counters["demand_transfers"]))
-        res["cpu_share"] = counters["cpu_misses"] / max(1, counters["cpu_misses"] + counters["split_misses"] +
-                                                        counters["demand_transfers"])
-        res.update(cpu_kernel="fused" if runner._host.on else "torch", cpu_threads=runner._host.threads or None,
-                   cpu_ms_per_job=1e3 * runner.cpu_s / max(1, runner.cpu_jobs))
+        misses = max(1, counters["cpu_misses"] + counters["split_misses"] + counters["demand_transfers"])
+        res.update(split=split, split_share=counters["split_misses"] / misses,
+                   cpu_share=counters["cpu_misses"] / misses, cpu_kernel=runner.host_kernel,
+                   cpu_threads=runner.host_threads, cpu_ms_per_job=1e3 * runner.cpu_s / max(1, runner.cpu_jobs))
     log(f"model {model} ({res['layers']} layers) {policy} C={capacity}: identical={res['identical']}, "
         f"resident {ref_tps:.2f} tok/s, offloaded {off_tps:.2f} tok/s")
     return res
