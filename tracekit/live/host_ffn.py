@@ -150,7 +150,7 @@ def ffn_fused_hf(x, gu, dn, f0, a, out):
             a[i, f] = _round_bf16(s * _round_bf16(u))
     for h in prange(H):
         d = dn[h, f0:]                 # views from 0: a loop over range(f0, F) indexing dn[h, f] was not
-        for i in range(n):             # vectorized (5x slower, numba's negative-index wrap-around)
+        for i in range(n):             # vectorized (5x slower; likely numba's negative-index wrap-around)
             ai = a[i, f0:]
             acc = np.float32(0.0)
             for j in range(d.shape[0]):
