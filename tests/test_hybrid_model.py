@@ -37,12 +37,12 @@ def reference():
     return ids, _generate(ld.model, ids)
 
 
-def _run(ids, policy, C, prof=PROFILE, patch=None, split=False):
+def _run(ids, policy, C, prof=PROFILE, patch=None, dtype="auto", **runner_kw):
     from tracekit.live.backend import OffloadRunner
     from tracekit.record.models import load_model
 
-    ld = load_model("tiny-mixtral", device="cpu")
-    runner = OffloadRunner(ld.model, P.get(policy), C, 2, chunk_mb=0.01, hybrid=prof, split=split)
+    ld = load_model("tiny-mixtral", device="cpu", dtype=dtype)
+    runner = OffloadRunner(ld.model, P.get(policy), C, 2, chunk_mb=0.01, hybrid=prof, **runner_kw)
     if patch:
         patch(runner)
     try:
@@ -153,19 +153,7 @@ def test_fused_hf_kernel_matches_eager(n, f0):
 
 
 def _run_bf16(ids, kernel, check=None):
-    from tracekit.live.backend import OffloadRunner
-    from tracekit.record.models import load_model
-
-    ld = load_model("tiny-mixtral", device="cpu", dtype="bfloat16")
-    runner = OffloadRunner(ld.model, P.get("lru"), 2, 2, chunk_mb=0.01, hybrid=PROFILE, cpu_kernel=kernel,
-                           cpu_threads=2)
-    if check:
-        check(runner)
-    try:
-        out = _generate(ld.model, ids)
-    finally:
-        runner.close()
-    return runner, out
+    return _run(ids, "lru", 2, patch=check, dtype="bfloat16", cpu_kernel=kernel, cpu_threads=2)
 
 
 def test_model_hybrid_bf16_fused_kernel_within_tolerance(reference):

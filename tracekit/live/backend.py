@@ -280,8 +280,7 @@ class OffloadRunner:
         return w[:n].view(self.shape_gu), w[n:].view(self.shape_dn)
 
     def split_at(self, k: int) -> int:
-        """The first intermediate row the host computes in a SPLIT miss of k / SPLIT_GRID copied."""
-        return k * self.F // ctlmod.SPLIT_GRID
+        return ctlmod.split_at(k, self.F)
 
     def _stage(self, r: int) -> tuple:
         """The staging slot's views for a split's first r rows: gate [r, H], up [r, H], down [H, r]."""

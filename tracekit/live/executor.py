@@ -347,8 +347,7 @@ class TraceExecutor:
         return out
 
     def split_at(self, k: int) -> int:
-        """The first intermediate row the host computes in a SPLIT miss of k / SPLIT_GRID copied."""
-        return k * self.shapes.F // ctlmod.SPLIT_GRID
+        return ctlmod.split_at(k, self.shapes.F)
 
     def _split_rows(self, k: int) -> tuple:
         """(the copy's chunks (row ranges) cut at split_at(k), their element bounds); built once per k,

@@ -95,6 +95,14 @@ def _round_bf16(x):
     return _u32_to_f32(np.uint32(_bf16_bits(x)) << np.uint32(16))
 
 
+@njit(cache=True, inline="always")
+def _act_bf16(g, u):
+    # bf16(bf16(silu(bf16(g))) * bf16(u)): rounded where transformers' eager expert rounds
+    g = _round_bf16(g)
+    s = _round_bf16(g / (np.float32(1.0) + np.exp(-g)))
+    return _round_bf16(s * _round_bf16(u))
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
 def ffn_fused(x, w, part, out):
     # x float32 [n, H]; w uint16 [F, 3, H] (bf16 bits; gate row, up row, down column per f);
@@ -116,9 +124,7 @@ def ffn_fused(x, w, part, out):
                 for h in range(H):
                     g += x[i, h] * _bits_to_f32(w[f, 0, h])
                     u += x[i, h] * _bits_to_f32(w[f, 1, h])
-                g = _round_bf16(g)
-                s = _round_bf16(g / (np.float32(1.0) + np.exp(-g)))
-                a = _round_bf16(s * _round_bf16(u))
+                a = _act_bf16(g, u)
                 if a != 0.0:
                     for h in range(H):
                         p[i, h] += a * _bits_to_f32(w[f, 2, h])
@@ -145,9 +151,7 @@ def ffn_fused_hf(x, gu, dn, f0, a, out):
             for h in range(H):
                 g += x[i, h] * _bits_to_f32(gu[f, h])
                 u += x[i, h] * _bits_to_f32(gu[F + f, h])
-            g = _round_bf16(g)
-            s = _round_bf16(g / (np.float32(1.0) + np.exp(-g)))
-            a[i, f] = _round_bf16(s * _round_bf16(u))
+            a[i, f] = _act_bf16(g, u)
     for h in prange(H):
         d = dn[h, f0:]                 # views from 0: a loop over range(f0, F) indexing dn[h, f] was not
         for i in range(n):             # vectorized (5x slower; likely numba's negative-index wrap-around)

@@ -102,6 +102,12 @@ def set_hybrid(ctl, profile, expert_bytes=None, split: bool = False):
     return ctl[:12] + (tok, sec)
 
 
+def split_at(k: int, F: int) -> int:
+    """The first intermediate row (of F) the host computes in a SPLIT miss of k / SPLIT_GRID copied; the
+    GPU computes rows [0, split_at)."""
+    return k * F // SPLIT_GRID
+
+
 def experts_copied(counters: dict, decode: bool = False) -> float:
     """Experts' worth of bytes copied: whole transfers plus the copied parts of SPLIT misses."""
     if decode:
