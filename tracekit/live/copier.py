@@ -53,8 +53,8 @@ class Copier:
 
     def copy(self, l: int, s: int, dst, src, bounds, after, step: int = -1) -> None:
         """dst, src: flat [numel] tensors; bounds: element offsets [0, b1, ..., numel] of the chunks."""
+        self.pending[l][s] = True
         if not self.cuda:
-            self.pending[l][s] = True
             dst.copy_(src)
             return
         evs = self.chunk_ev[l][s]
@@ -71,8 +71,8 @@ class Copier:
         """Copy (dst, src) view pairs into slot (l, s) as one copy with one event (chunk 0): dst a
         contiguous device view, src a contiguous host view or a 2-D one with unit inner stride (its
         rows copied with cuMemcpy2DAsync, pitch = its row stride). For partial experts (split misses)."""
+        self.pending[l][s] = True
         if not self.cuda:
-            self.pending[l][s] = True
             for dst, src in pairs:
                 dst.copy_(src)
             return
@@ -91,7 +91,6 @@ class Copier:
 
     def _issue(self, l: int, s: int, after, step: int, issue) -> None:
         # on the copy stream, after `after` and the slot's last reader: issue(stream) -> bytes copied
-        self.pending[l][s] = True
         st = self.stream
         if after is not None:
             st.wait_event(after)
