@@ -1,4 +1,5 @@
-"""The demand-only replay loop (run_demand) and the transition-table loop (run_table) equal the full
+"""The demand-only loop (run_demand), the transition-table loop (run_table) and the fused prefetching
+loop (run_prefetch) equal the full
 controller loop (run) exactly.
 
 replay_one picks run_demand for every policy that never prefetches (demand and oracle kinds) when
@@ -143,3 +144,40 @@ def test_table_engine_equals_demand_on_mixtral_trace(name):
         t = replay_one(policies.get(name), plan, C, BASE, engine="table")
         assert t.counters["transfers"] > 0
         assert_identical(t, replay_one(policies.get(name), plan, C, BASE, engine="demand"))
+
+
+# ---- the fused prefetching loop (run_prefetch) ---------------------------------------------
+
+PREFETCH = [n for n in policies.names() if policies.get(n).prefetches]
+
+
+def test_prefetch_engine_is_used_only_where_it_applies():
+    assert {"markov", "trajectory", "gate-lookahead"} <= set(PREFETCH)
+    plan = build_plan(make_trace(2, 8, 2, [(False, 3), (True, 2)], 0, "none", False))
+    with pytest.raises(ValueError):
+        replay_one(policies.get("lru"), plan, 2, BASE, engine="prefetch")
+    hy = dataclasses.replace(BASE, cpu_ffn_ms={"1": 6.6})
+    with pytest.raises(ValueError):
+        replay_one(policies.get("markov"), plan, 2, hy, hybrid=True, engine="prefetch")
+
+
+@pytest.mark.parametrize("name", PREFETCH)
+@RANDOM_SETTINGS
+@given(**RANDOM_TRACE, C=st.integers(1, 8), cap=st.integers(1, 4), depth=st.integers(0, 3))
+def test_prefetch_engine_equals_controller(name, L, E, K, seed, steps, C, prof, cap, depth):
+    K, C = min(K, E), min(C, E)
+    tr = make_trace(L, E, K, steps, seed, "full", True)
+    plan = build_plan(tr)
+    kw = dict(cap=cap, depth=depth, router=tr.router, hidden_kind="full", params={"warmup": 2})
+    c = replay_one(policies.get(name), plan, C, prof, engine="controller", **kw)
+    assert_identical(replay_one(policies.get(name), plan, C, prof, engine="prefetch", **kw), c)
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason="shared traces not found")
+def test_prefetch_engine_equals_controller_on_mixtral_trace():
+    plan = build_plan(read_trace(str(TRACE)))
+    for C in (1, 2, 4):
+        for cap in (1, 2, 4):
+            c = replay_one(policies.get("markov"), plan, C, BASE, cap=cap, engine="controller")
+            assert c.counters["prefetch_issued"] > 0 and c.counters["prefetch_wasted"] > 0
+            assert_identical(replay_one(policies.get("markov"), plan, C, BASE, cap=cap, engine="prefetch"), c)

@@ -48,7 +48,8 @@ def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *,
     engine: "controller" walks the full controller (the code the live executor runs); "demand" the
     demand-only loop (policies that never prefetch, no hybrid; equal results, several times faster);
     "table" the transition-table loop (order-state policies, small E and C: tracekit.replay.table);
-    "auto" picks "table", else "demand", wherever they apply."""
+    "prefetch" the fused prefetching loop (prefetching policies, no hybrid; equal results);
+    "auto" picks "table", else "demand", else "prefetch", wherever they apply."""
     ctx = PolicyContext(plan.L, plan.E, capacity, plan.K, plan.hid.shape[2], hidden_kind, router,
                         depth or plan.K, dict(params or {}))
     st = spec.make_state(ctx)
@@ -63,6 +64,9 @@ def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *,
         raise ValueError(f"the demand-only engine cannot run {spec.name} (prefetching or hybrid)")
     args = (ctl, st, tl, sc, ffn_tok, ffn_s, plan.tok_ptr, plan.decode, plan.tok_ex, plan.hid, plan.req_ptr,
             plan.req_e, plan.req_ntok, plan.req_next)
+    prefetch_ok = spec.prefetches and not hybrid and plan.E <= 64
+    if engine == "prefetch" and not prefetch_ok:
+        raise ValueError(f"the prefetching engine cannot run {spec.name} (demand-only, hybrid or E > 64)")
     table_ok = demand_ok and tbl.applies(spec, plan.E, capacity)
     if engine == "table" and not table_ok:
         raise ValueError(f"the table engine cannot run {spec.name} at E={plan.E}, C={capacity}")
@@ -74,6 +78,8 @@ def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *,
         tbl.fill_residency(ctl, x, residents)
     elif demand_ok and engine != "controller":
         res = engine_module(spec).run_demand(*args, spec.observes)
+    elif prefetch_ok and engine in ("auto", "prefetch"):
+        res = engine_module(spec).run_prefetch(*args, True, spec.observes, np.zeros(plan.L, dtype=np.uint64))
     else:
         res = engine_module(spec).run(*args, spec.prefetches, spec.observes, hybrid, cpu_tok, cpu_s, ctlmod.action_rows(ctl))
     total, dec_s, dec_tok, dec_stall, dec_comp = res

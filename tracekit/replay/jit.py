@@ -1,7 +1,7 @@
 """Per-policy compiled engines, cached on disk.
 
 numba cannot cache closures, so for each policy we write a copy of engine_template.py (plus
-demand_template.py, the demand-only loop) with the
+demand_template.py, the demand-only loop, and prefetch_template.py, the fused prefetching loop) with the
 policy's functions bound to module globals into a cache folder, import it, and let numba's
 `cache=True` keep the machine code. The file name carries a hash of every source it depends on,
 so editing a policy or the controller recompiles.
@@ -20,7 +20,7 @@ from pathlib import Path
 from tracekit.policies import PolicySpec
 
 _HERE = Path(__file__).parent
-_DEPS = ("engine_template.py", "demand_template.py", "controller.py", "cost.py", "../policies/base.py")
+_DEPS = ("engine_template.py", "demand_template.py", "prefetch_template.py", "controller.py", "cost.py", "../policies/base.py")
 
 
 def cache_dir() -> Path:
@@ -51,7 +51,7 @@ def _policy_files(spec: PolicySpec) -> list[Path]:
 
 @lru_cache(maxsize=None)
 def engine_module(spec: PolicySpec):
-    template = (_HERE / "engine_template.py").read_text() + "\n\n" + (_HERE / "demand_template.py").read_text()
+    template = "\n\n".join((_HERE / f).read_text() for f in _DEPS[:3])
     src = template.replace("# {POLICY_BINDINGS}", _binding_source(spec))
     h = hashlib.sha1(src.encode())
     for f in [_HERE / d for d in _DEPS] + _policy_files(spec):

@@ -1,0 +1,324 @@
+"""The fused prefetching replay loop, appended to each policy's compiled engine (see tracekit.replay.jit).
+
+`run_prefetch` runs exactly the semantics of `run` (the controller loop: serve, layer_time, after,
+enqueue_copies; docs in tracekit/replay/controller.py) without --hybrid, with the same policy
+functions (on_access, on_insert, on_evict, victim, observe, predict) and the same cost-model
+arithmetic in the same order, but keeps the counters, the prefetch queue's head/tail/length/in-flight
+count and the timeline's accumulators in registers, writes no action rows, and keeps per layer a
+bitmask of the experts with a pending prediction, so that retiring a layer's predictions visits only
+those experts. tests/test_replay_engines.py checks it equal to `run` (counters and times).
+
+Why the copy timeline needs no slot_free here: a slot's free time is set when an expert computed
+from it finishes, which is never later than the cursor, and every copy is issued at t_route or at a
+layer's end, both at or after the cursor; so max(t_issue, engine, slot_free) = max(t_issue, engine).
+Why a layer's computes run after all of its copies are enqueued: `layer_time` enqueues every copy of
+the layer (demand misses, then the prefetches `serve` issued) before computing, and a later copy of
+the same layer may overwrite an expert's landing time (C = 1: a request evicted by the next one and
+prefetched again); computing in a second pass over the requests reads the same landing times.
+"""
+# ruff: noqa: F821
+import numpy as np
+from numba import njit
+
+from tracekit.replay.controller import (
+    C_DEC_XFER,
+    C_DEMAND,
+    C_DHIT,
+    C_DREQ,
+    C_EVICT,
+    C_HIT,
+    C_PF_DROPPED,
+    C_PF_ISSUED,
+    C_PF_USED,
+    C_PF_WASTED,
+    C_REQ,
+    C_XFER,
+    Q_CAP,
+    Q_CLOCK,
+    Q_HEAD,
+    Q_INFLIGHT,
+    Q_LEN,
+    Q_TAIL,
+)
+from tracekit.replay.cost import (
+    P_BYTES,
+    P_CHUNKS,
+    attn_seconds,
+    copy_duration,
+    demand_acc,
+    expert_end,
+    interp,
+    store_demand_acc,
+)
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _pf_victim(st, l, slot_owner, want, cand, C, demand):
+    # the expert to evict at a full layer: the policy's victim among residents not predicted
+    # (want < 0); a demand miss falls back to all residents; -1: none (a prefetch is dropped)
+    n = 0
+    for s in range(C):
+        e = slot_owner[l, s]
+        cand[n] = e
+        n += want[l, e] < 0
+    if n == 0:
+        if not demand:
+            return -1
+        for s in range(C):
+            cand[s] = slot_owner[l, s]
+        n = C
+    return victim(st, l, cand, n)
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _slot_for(st, l, demand, slot_of, slot_owner, nres, pf, want, pend, cand):
+    # controller._take_slot + _evict: a free slot of layer l, or the policy's victim's.
+    # -> (slot or -1 when a prefetch finds no victim, evicted 0/1, the victim was in flight 0/1)
+    C = slot_owner.shape[1]
+    if nres[l] < C:
+        k = 0
+        while slot_owner[l, k] >= 0:
+            k += 1
+        nres[l] += 1
+        return k, 0, 0
+    v = _pf_victim(st, l, slot_owner, want, cand, C, demand)
+    if v < 0:
+        return -1, 0, 0
+    on_evict(st, l, v)
+    w2 = pf[l, v] == 2
+    pf[l, v] = 0
+    if want[l, v] >= 0:
+        want[l, v] = -1
+        pend[l] &= ~(np.uint64(1) << np.uint64(v))
+    k = slot_of[l, v]
+    slot_of[l, v] = -1
+    return k, 1, np.int64(w2)
+
+
+@njit(cache=True, _nrt=False)
+def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, req_e, req_ntok,
+                 req_next, predict_on, observe_on, pend):
+    # Same arguments and result as `run` without hybrid: (total_s, decode_s, decode_tokens,
+    # decode_stall_s, decode_compute_s); fills ctl (counters, residency, queue) and tl's accumulators.
+    # pend: uint64[L] scratch (E <= 64): per layer, the experts with a pending prediction (want >= 0).
+    resident, slot_of, slot_owner, nres, pf, want, queue, q, cnt, cand, pred = ctl[:11]
+    ready = tl[0]
+    S = decode.shape[0]
+    L = tok_ex.shape[1]
+    E = slot_of.shape[1]
+    QN = queue.shape[0]
+    dur = copy_duration(sc)
+    ch = sc[P_CHUNKS]
+    nbytes1 = sc[P_BYTES]
+    f1 = interp(ffn_tok, ffn_s, 1)
+    # counters and queue state in registers
+    n_req = n_hit = n_dreq = n_dhit = n_dem = n_iss = n_used = n_wasted = n_drop = 0
+    n_dxfer = n_evict = n_xfer = 0
+    head, tail, qlen, infl, cap, clock = q[Q_HEAD], q[Q_TAIL], q[Q_LEN], q[Q_INFLIGHT], q[Q_CAP], q[Q_CLOCK]
+    stall, compute, copy, nbytes, engine = demand_acc(tl)
+    for l in range(L):
+        pend[l] = 0
+        for e in range(E):
+            if want[l, e] >= 0:
+                pend[l] |= np.uint64(1) << np.uint64(e)
+    cursor = 0.0
+    dec_time = 0.0
+    dec_tok = 0
+    dec_stall = 0.0
+    dec_compute = 0.0
+    for s in range(S):
+        t0, t1 = tok_ptr[s], tok_ptr[s + 1]
+        ntok = t1 - t0
+        dec = decode[s] == 1
+        start, stall0, comp0 = cursor, stall, compute
+        attn = attn_seconds(sc, ntok)
+        for l in range(L):
+            pos = s * L + l
+            a, b = req_ptr[pos], req_ptr[pos + 1]
+            compute += attn
+            t_route = cursor + attn
+            # ---- serve: hits and demand misses (copies enqueued at t_route, in request order)
+            n_req += b - a
+            if dec:
+                n_dreq += b - a
+            if b > a:
+                clock = b - 1
+            for i in range(a, b):
+                e = np.int64(req_e[i])
+                if slot_of[l, e] >= 0:
+                    n_hit += 1
+                    if dec:
+                        n_dhit += 1
+                    used = pf[l, e] == 2          # a resident expert's pf is 0 or 2
+                    n_used += used
+                    infl -= used
+                    pf[l, e] = 0
+                    on_access(st, l, e, True, i, req_next[i])
+                    continue
+                if pf[l, e] == 1:                 # queued but never issued: a miss
+                    pf[l, e] = 0
+                    n_drop += 1
+                k, ev, w2 = _slot_for(st, l, True, slot_of, slot_owner, nres, pf, want, pend, cand)
+                n_evict += ev
+                n_wasted += w2
+                infl -= w2
+                slot_of[l, e] = k
+                slot_owner[l, k] = e
+                on_insert(st, l, e, i)
+                on_access(st, l, e, False, i, req_next[i])
+                n_dem += 1
+                n_xfer += 1
+                if dec:
+                    n_dxfer += 1
+                engine = max(t_route, engine) + dur
+                copy += dur
+                nbytes += nbytes1
+                ready[l, e] = engine
+            # ---- retire this layer's predictions whose target has been served
+            m = pend[l]
+            while m:
+                e = np.int64(_ctz(m))
+                m &= m - np.uint64(1)
+                w = want[l, e]
+                if w <= pos:
+                    p = pf[l, e]
+                    n_wasted += p == 2
+                    n_drop += p == 1
+                    infl -= p == 2
+                    pf[l, e] = 0
+                    want[l, e] = -1
+                    pend[l] &= ~(np.uint64(1) << np.uint64(e))
+            # ---- issue queued prefetches (copies at t_route, after the demand copies)
+            # (the same code as after the layer, below; kept inline for registers)
+            head, qlen, infl, engine, copy, nbytes, n_iss, n_xfer, n_dxfer, n_drop, n_wasted, n_evict = _pf_issue(
+                st, pos, dec, t_route, clock, slot_of, slot_owner, nres, pf, want, pend, queue, cand, ready, head,
+                qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_xfer, n_dxfer, n_drop, n_wasted,
+                n_evict)
+            # ---- compute the layer's experts in request order
+            t = t_route
+            for i in range(a, b):
+                f = f1 if req_ntok[i] == 1 else interp(ffn_tok, ffn_s, req_ntok[i])
+                end = expert_end(t, f, ready[l, np.int64(req_e[i])], ch)
+                stall += end - (t + f)
+                compute += f
+                t = end
+            cursor = t
+            # ---- after: observe, predict, queue, issue (copies at the layer's end)
+            if not (observe_on or (predict_on and dec)):
+                continue
+            for j in range(t0, t1):
+                if tok_ex[j, l, 0] >= 0:
+                    observe(st, l, tok_ex[j, l], hid[j, l])
+            if predict_on and dec:
+                for j in range(t0, t1):
+                    if tok_ex[j, l, 0] < 0:
+                        continue
+                    mp = predict(st, l, tok_ex[j, l], hid[j, l], pred)
+                    for r in range(mp):
+                        tl_, te = pred[r, 1], pred[r, 2]
+                        if tl_ < 0 or tl_ >= L:
+                            continue
+                        tt = pos + pred[r, 0] * L + (tl_ - l)
+                        if tt <= pos:
+                            continue
+                        if slot_of[tl_, te] >= 0 or pf[tl_, te] != 0:
+                            if tt > want[tl_, te]:
+                                want[tl_, te] = tt
+                                pend[tl_] |= np.uint64(1) << np.uint64(te)
+                                if pf[tl_, te] == 1 and qlen < QN:
+                                    queue[tail, 0], queue[tail, 1], queue[tail, 2] = tl_, te, tt
+                                    tail = tail + 1 if tail + 1 < QN else 0
+                                    qlen += 1
+                            continue
+                        if qlen >= QN:
+                            n_drop += 1
+                            continue
+                        queue[tail, 0], queue[tail, 1], queue[tail, 2] = tl_, te, tt
+                        tail = tail + 1 if tail + 1 < QN else 0
+                        qlen += 1
+                        pf[tl_, te] = 1
+                        want[tl_, te] = tt
+                        pend[tl_] |= np.uint64(1) << np.uint64(te)
+            head, qlen, infl, engine, copy, nbytes, n_iss, n_xfer, n_dxfer, n_drop, n_wasted, n_evict = _pf_issue(
+                st, pos, dec, cursor, clock, slot_of, slot_owner, nres, pf, want, pend, queue, cand, ready, head,
+                qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_xfer, n_dxfer, n_drop, n_wasted,
+                n_evict)
+        if dec:
+            dec_time += cursor - start
+            dec_tok += ntok
+            dec_stall += stall - stall0
+            dec_compute += compute - comp0
+    # predictions still in flight at the end were never used (controller `finish`)
+    for l in range(L):
+        for e in range(E):
+            if pf[l, e] == 2:
+                n_wasted += 1
+                infl -= 1
+                pf[l, e] = 0
+            resident[l, e] = slot_of[l, e] >= 0
+    cnt[C_REQ] += n_req
+    cnt[C_HIT] += n_hit
+    cnt[C_DREQ] += n_dreq
+    cnt[C_DHIT] += n_dhit
+    cnt[C_DEMAND] += n_dem
+    cnt[C_PF_ISSUED] += n_iss
+    cnt[C_PF_USED] += n_used
+    cnt[C_PF_WASTED] += n_wasted
+    cnt[C_PF_DROPPED] += n_drop
+    cnt[C_DEC_XFER] += n_dxfer
+    cnt[C_EVICT] += n_evict
+    cnt[C_XFER] += n_xfer
+    q[Q_HEAD], q[Q_TAIL], q[Q_LEN], q[Q_INFLIGHT], q[Q_CLOCK] = head, tail, qlen, infl, clock
+    store_demand_acc(tl, stall, compute, copy, nbytes, engine)
+    return cursor, dec_time, dec_tok, dec_stall, dec_compute
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _ctz(m):
+    # index of the lowest set bit of m (m != 0)
+    n = 0
+    while (m & np.uint64(1)) == 0:
+        m >>= np.uint64(1)
+        n += 1
+    return n
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _pf_issue(st, pos, dec, t_issue, clock, slot_of, slot_owner, nres, pf, want, pend, queue, cand, ready, head,
+           qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_xfer, n_dxfer, n_drop, n_wasted, n_evict):
+    # controller._issue: queued prefetches start, in FIFO order, while fewer than cap are in flight;
+    # each copy is enqueued on the engine at t_issue. Returns the updated registers.
+    QN = queue.shape[0]
+    while infl < cap and qlen > 0:
+        l, e, t = queue[head, 0], queue[head, 1], queue[head, 2]
+        head = head + 1 if head + 1 < QN else 0
+        qlen -= 1
+        if pf[l, e] != 1 or want[l, e] != t:
+            continue                          # stale duplicate
+        k = -1
+        ev = w2 = 0
+        if t > pos:                           # else: its target has passed
+            # (e is not resident, so its own want never protects it against its slot search)
+            k, ev, w2 = _slot_for(st, l, False, slot_of, slot_owner, nres, pf, want, pend, cand)
+            n_evict += ev
+            n_wasted += w2
+            infl -= w2
+        if k < 0:
+            pf[l, e] = 0
+            want[l, e] = -1
+            pend[l] &= ~(np.uint64(1) << np.uint64(e))
+            n_drop += 1
+            continue
+        slot_of[l, e] = k
+        slot_owner[l, k] = e
+        on_insert(st, l, e, clock)
+        pf[l, e] = 2
+        infl += 1
+        n_iss += 1
+        n_xfer += 1
+        n_dxfer += dec
+        engine = max(t_issue, engine) + dur
+        copy += dur
+        nbytes += nbytes1
+        ready[l, e] = engine
+    return head, qlen, infl, engine, copy, nbytes, n_iss, n_xfer, n_dxfer, n_drop, n_wasted, n_evict
