@@ -1,6 +1,5 @@
 """The demand-only loop (run_demand), the transition-table loop (run_table) and the fused prefetching
-loop (run_prefetch) equal the full
-controller loop (run) exactly.
+loop (run_prefetch) equal the full controller loop (run) exactly.
 
 replay_one picks run_demand for every policy that never prefetches (demand and oracle kinds) when
 --hybrid is off; the live executor always drives the controller. Both must give the same counters

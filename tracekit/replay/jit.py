@@ -20,7 +20,8 @@ from pathlib import Path
 from tracekit.policies import PolicySpec
 
 _HERE = Path(__file__).parent
-_DEPS = ("engine_template.py", "demand_template.py", "prefetch_template.py", "controller.py", "cost.py", "../policies/base.py")
+_DEPS = ("engine_template.py", "demand_template.py", "prefetch_template.py", "controller.py", "cost.py", "bits.py",
+         "../policies/base.py")
 
 
 def cache_dir() -> Path:

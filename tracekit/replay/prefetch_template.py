@@ -20,6 +20,7 @@ prefetched again); computing in a second pass over the requests reads the same l
 import numpy as np
 from numba import njit
 
+from tracekit.replay.bits import lowest_bit
 from tracekit.replay.controller import (
     C_DEC_XFER,
     C_DEMAND,
@@ -177,7 +178,7 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
             # ---- retire this layer's predictions whose target has been served
             m = pend[l]
             while m:
-                e = np.int64(_ctz(m))
+                e = np.int64(lowest_bit(m))
                 m &= m - np.uint64(1)
                 w = want[l, e]
                 if w <= pos:
@@ -271,16 +272,6 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
     q[Q_HEAD], q[Q_TAIL], q[Q_LEN], q[Q_INFLIGHT], q[Q_CLOCK] = head, tail, qlen, infl, clock
     store_demand_acc(tl, stall, compute, copy, nbytes, engine)
     return cursor, dec_time, dec_tok, dec_stall, dec_compute
-
-
-@njit(cache=True, inline="always", _nrt=False)
-def _ctz(m):
-    # index of the lowest set bit of m (m != 0)
-    n = 0
-    while (m & np.uint64(1)) == 0:
-        m >>= np.uint64(1)
-        n += 1
-    return n
 
 
 @njit(cache=True, inline="always", _nrt=False)
