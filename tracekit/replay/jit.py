@@ -20,8 +20,8 @@ from pathlib import Path
 from tracekit.policies import PolicySpec
 
 _HERE = Path(__file__).parent
-_DEPS = ("engine_template.py", "demand_template.py", "prefetch_template.py", "controller.py", "cost.py", "bits.py",
-         "../policies/base.py")
+_TEMPLATES = ("engine_template.py", "demand_template.py", "prefetch_template.py")
+_DEPS = _TEMPLATES + ("controller.py", "cost.py", "bits.py", "../policies/base.py")
 
 
 def cache_dir() -> Path:
@@ -52,7 +52,7 @@ def _policy_files(spec: PolicySpec) -> list[Path]:
 
 @lru_cache(maxsize=None)
 def engine_module(spec: PolicySpec):
-    template = "\n\n".join((_HERE / f).read_text() for f in _DEPS[:3])
+    template = "\n\n".join((_HERE / f).read_text() for f in _TEMPLATES)
     src = template.replace("# {POLICY_BINDINGS}", _binding_source(spec))
     h = hashlib.sha1(src.encode())
     for f in [_HERE / d for d in _DEPS] + _policy_files(spec):
