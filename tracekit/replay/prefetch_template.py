@@ -11,10 +11,12 @@ those experts. tests/test_replay_engines.py checks it equal to `run` (counters a
 Why the copy timeline needs no slot_free here: a slot's free time is set when an expert computed
 from it finishes, which is never later than the cursor, and every copy is issued at t_route or at a
 layer's end, both at or after the cursor; so max(t_issue, engine, slot_free) = max(t_issue, engine).
-Why a layer's computes run after all of its copies are enqueued: `layer_time` enqueues every copy of
-the layer (demand misses, then the prefetches `serve` issued) before computing, and a later copy of
-the same layer may overwrite an expert's landing time (C = 1: a request evicted by the next one and
-prefetched again); computing in a second pass over the requests reads the same landing times.
+Why each request computes as soon as it is served: `layer_time` enqueues every copy of the layer
+(demand misses in request order, then the prefetches `serve` issues) before computing, but no later
+copy can change a requested expert's landing time. The layer's requests are distinct experts, and a
+prefetch issued by `serve` copies only an expert still queued (pf = 1), while a requested expert's pf
+is 0 after its request (a hit and a miss both set it to 0) and nothing queues it again before the
+layer is computed.
 """
 # ruff: noqa: F821
 import numpy as np
@@ -96,6 +98,24 @@ def _slot_for(st, l, demand, slot_of, slot_owner, nres, pf, want, pend, cand):
     return k, 1, np.int64(w2)
 
 
+@njit(cache=True, inline="always", _nrt=False)
+def _demand_miss(st, l, e, i, req_next, t_route, slot_of, slot_owner, nres, pf, want, pend, cand, ready, engine,
+                 copy, nbytes, dur, nbytes1, n_drop, n_evict, n_wasted, infl):
+    # request i (expert e of layer l) misses: a slot (evicting the policy's victim), and a copy enqueued
+    # at t_route behind the layer's earlier copies. Returns the updated registers.
+    if pf[l, e] == 1:                     # queued but never issued: a miss
+        pf[l, e] = 0
+        n_drop += 1
+    k, ev, w2 = _slot_for(st, l, True, slot_of, slot_owner, nres, pf, want, pend, cand)
+    slot_of[l, e] = k
+    slot_owner[l, k] = e
+    on_insert(st, l, e, i)
+    on_access(st, l, e, False, i, req_next[i])
+    engine = max(t_route, engine) + dur
+    ready[l, e] = engine
+    return engine, copy + dur, nbytes + nbytes1, n_drop, n_evict + ev, n_wasted + w2, infl - w2
+
+
 @njit(cache=True, _nrt=False)
 def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, req_e, req_ntok,
                  req_next, predict_on, observe_on, pend):
@@ -144,6 +164,7 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
                 n_dreq += b - a
             if b > a:
                 clock = b - 1
+            t = t_route
             for i in range(a, b):
                 e = np.int64(req_e[i])
                 if slot_of[l, e] >= 0:
@@ -155,26 +176,21 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
                     infl -= used
                     pf[l, e] = 0
                     on_access(st, l, e, True, i, req_next[i])
-                    continue
-                if pf[l, e] == 1:                 # queued but never issued: a miss
-                    pf[l, e] = 0
-                    n_drop += 1
-                k, ev, w2 = _slot_for(st, l, True, slot_of, slot_owner, nres, pf, want, pend, cand)
-                n_evict += ev
-                n_wasted += w2
-                infl -= w2
-                slot_of[l, e] = k
-                slot_owner[l, k] = e
-                on_insert(st, l, e, i)
-                on_access(st, l, e, False, i, req_next[i])
-                n_dem += 1
-                n_xfer += 1
-                if dec:
-                    n_dxfer += 1
-                engine = max(t_route, engine) + dur
-                copy += dur
-                nbytes += nbytes1
-                ready[l, e] = engine
+                else:
+                    engine, copy, nbytes, n_drop, n_evict, n_wasted, infl = _demand_miss(
+                        st, l, e, i, req_next, t_route, slot_of, slot_owner, nres, pf, want, pend, cand, ready,
+                        engine, copy, nbytes, dur, nbytes1, n_drop, n_evict, n_wasted, infl)
+                    n_dem += 1
+                    n_xfer += 1
+                    if dec:
+                        n_dxfer += 1
+                # compute it now: its landing time is final (see the module's docstring)
+                f = f1 if req_ntok[i] == 1 else interp(ffn_tok, ffn_s, req_ntok[i])
+                end = expert_end(t, f, ready[l, e], ch)
+                stall += end - (t + f)
+                compute += f
+                t = end
+            cursor = t
             # ---- retire this layer's predictions whose target has been served
             m = pend[l]
             while m:
@@ -195,15 +211,6 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
                 st, pos, dec, t_route, clock, slot_of, slot_owner, nres, pf, want, pend, queue, cand, ready, head,
                 qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_xfer, n_dxfer, n_drop, n_wasted,
                 n_evict)
-            # ---- compute the layer's experts in request order
-            t = t_route
-            for i in range(a, b):
-                f = f1 if req_ntok[i] == 1 else interp(ffn_tok, ffn_s, req_ntok[i])
-                end = expert_end(t, f, ready[l, np.int64(req_e[i])], ch)
-                stall += end - (t + f)
-                compute += f
-                t = end
-            cursor = t
             # ---- after: observe, predict, queue, issue (copies at the layer's end)
             if not (observe_on or (predict_on and dec)):
                 continue
