@@ -173,3 +173,34 @@ def test_policy_matches_reference(name, case):
     plan = build_plan(trace)
     for cfg in configs:
         check_config(get(name), trace, plan, cfg)
+
+
+# ---- longer traces: the hypothesis cases above are tiny, and a prediction's scoring can be wrong in
+# ways they rarely reach (P's counts stay small); these replay every prefetching policy on a
+# 600-token synthetic trace with hidden states and markov on a shared Mixtral trace.
+
+SHARED = Path(__file__).parents[2] / "shared" / "traces" / "mixtral8x7b_humaneval_2probs_decode.parquet"
+
+
+@pytest.mark.parametrize("name", [n for n in names() if get(n).prefetches])
+def test_prefetching_policy_matches_reference_on_a_longer_trace(name):
+    from tracekit.trace.synthetic import synthetic_trace
+
+    tr = synthetic_trace(tokens=600, layers=4, experts=8, top_k=2, seed=3, hidden_dim=16, with_router=True)
+    plan = build_plan(tr)
+    for C, cap in ((1, 1), (2, 2), (4, 2)):
+        got = replay_one(get(name), plan, C, PROFILE, cap=cap, router=tr.router, hidden_kind="full").counters
+        assert got["prefetch_issued"] > 50
+        assert got == reference.simulate(tr, name, C, cap=cap, depth=0, params={})
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="shared traces not found")
+def test_markov_matches_reference_on_mixtral_trace():
+    from tracekit.trace import read_trace
+
+    tr = read_trace(str(SHARED))
+    plan = build_plan(tr)
+    for C in (2, 4):
+        got = replay_one(get("markov"), plan, C, PROFILE).counters
+        assert got["prefetch_issued"] > 500
+        assert got == reference.simulate(tr, "markov", C, cap=2, depth=0, params={})
