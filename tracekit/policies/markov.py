@@ -46,39 +46,6 @@ def observe(st, l, ex, hid):
 
 @njit(cache=True)
 def predict(st, l, ex, hid, out):
-    # two experts (Mixtral's top-2): the same keys as _predict_keys, computed inside each pass from P's
-    # two rows, with no stores (measured 4-20% faster in the replay loop than summing into st[4] first)
-    P, key = st[1], st[4]
-    E = key.shape[0]
-    if ex.shape[0] == 2 and ex[0] >= 0 and ex[1] >= 0:
-        a0 = ex[0]
-        a1 = ex[1]
-        k = 0
-        prev = np.int64(1) << 62
-        for _ in range(min(st[3][0], out.shape[0])):
-            best = np.int64(-1)
-            for b in range(E):
-                v = ((P[l, a0, b] + P[l, a1, b]) << 10) + (1023 - b)
-                best = max(best, v if v < prev else -1)
-            if best < 1024:
-                break
-            prev = best
-            k = _put(out, k, l, best)
-        return k
-    return _predict_keys(st, l, ex, out)
-
-
-@njit(cache=True, inline="always")
-def _put(out, k, l, best):
-    # the expert of key `best` is predicted for layer l of the next step: row k of out
-    out[k, 0] = 1
-    out[k, 1] = l
-    out[k, 2] = 1023 - (best & 1023)
-    return k + 1
-
-
-@njit(cache=True, inline="always")
-def _predict_keys(st, l, ex, out):
     # score[b] = sum_a P[l, a, b] as an int64 key score * 1024 + (1023 - b), so that one max() picks
     # the best score and, among ties, the lowest id (branch-free; E <= 1024). Keys are distinct, so
     # the r-th best is the largest key below the (r-1)-th: nothing is written back between passes.
@@ -102,7 +69,10 @@ def _predict_keys(st, l, ex, out):
         if best < 1024:                           # only experts ever seen to follow (score > 0)
             break
         prev = best
-        k = _put(out, k, l, best)
+        out[k, 0] = 1
+        out[k, 1] = l
+        out[k, 2] = 1023 - (best & 1023)
+        k += 1
     return k
 
 
