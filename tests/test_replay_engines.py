@@ -158,6 +158,11 @@ def test_prefetch_engine_is_used_only_where_it_applies():
     hy = dataclasses.replace(BASE, cpu_ffn_ms={"1": 6.6})
     with pytest.raises(ValueError):
         replay_one(policies.get("markov"), plan, 2, hy, hybrid=True, engine="prefetch")
+    wide = build_plan(make_trace(2, 70, 2, [(True, 1)] * 30, 0, "none", False))   # E > 64: no bitmask
+    with pytest.raises(ValueError):
+        replay_one(policies.get("markov"), wide, 2, BASE, engine="prefetch")
+    assert_identical(replay_one(policies.get("markov"), wide, 2, BASE),
+                     replay_one(policies.get("markov"), wide, 2, BASE, engine="controller"))
 
 
 @pytest.mark.parametrize("name", PREFETCH)

@@ -206,7 +206,6 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
                     want[l, e] = -1
                     pend[l] &= ~(np.uint64(1) << np.uint64(e))
             # ---- issue queued prefetches (copies at t_route, after the demand copies)
-            # (the same code as after the layer, below; kept inline for registers)
             head, qlen, infl, engine, copy, nbytes, n_iss, n_xfer, n_dxfer, n_drop, n_wasted, n_evict = _pf_issue(
                 st, pos, dec, t_route, clock, slot_of, slot_owner, nres, pf, want, pend, queue, cand, ready, head,
                 qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_xfer, n_dxfer, n_drop, n_wasted,
@@ -283,7 +282,7 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
 
 @njit(cache=True, inline="always", _nrt=False)
 def _pf_issue(st, pos, dec, t_issue, clock, slot_of, slot_owner, nres, pf, want, pend, queue, cand, ready, head,
-           qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_xfer, n_dxfer, n_drop, n_wasted, n_evict):
+              qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_xfer, n_dxfer, n_drop, n_wasted, n_evict):
     # controller._issue: queued prefetches start, in FIFO order, while fewer than cap are in flight;
     # each copy is enqueued on the engine at t_issue. Returns the updated registers.
     QN = queue.shape[0]
