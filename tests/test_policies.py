@@ -12,6 +12,7 @@ One test, parametrized over tracekit.policies.names(). Per hypothesis example it
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -179,7 +180,8 @@ def test_policy_matches_reference(name, case):
 # ways they rarely reach (P's counts stay small); these replay every prefetching policy on a
 # 600-token synthetic trace with hidden states and markov on a shared Mixtral trace.
 
-SHARED = Path(__file__).parents[2] / "shared" / "traces" / "mixtral8x7b_humaneval_2probs_decode.parquet"
+SHARED = Path(os.environ.get("TRACEKIT_TRACES", Path(__file__).parents[2] / "shared" / "traces")) / \
+    "mixtral8x7b_humaneval_2probs_decode.parquet"
 
 
 @pytest.mark.parametrize("name", [n for n in names() if get(n).prefetches])
