@@ -214,9 +214,7 @@ class OffloadRunner:
                 kind, e, sl = r[0], r[2], r[3]
                 if kind == PREFETCH or kind == CPU or kind == SPLIT:
                     continue
-                if cp.pending[l][sl]:
-                    cp.wait_chunk(l, sl, len(self.bounds) - 2)         # whole expert: its last chunk
-                    cp.pending[l][sl] = False
+                cp.wait_pending(l, sl, len(self.bounds) - 2)           # whole expert: its last chunk
                 top_k_pos, token_idx = torch.where(expert_mask[e])
                 current_state = hidden_states[token_idx]
                 gate, up = Fn.linear(current_state, self.gu[l][sl]).chunk(2, dim=-1)
@@ -303,9 +301,7 @@ class OffloadRunner:
         import torch.nn.functional as Fn
 
         cp = self.cp
-        if cp.pending[l][self.C]:
-            cp.wait_chunk(l, self.C, 0)
-            cp.pending[l][self.C] = False
+        cp.wait_pending(l, self.C, 0)                                  # copy_views: one event, chunk 0
         g, u, d = self._stage(f0)
         y = Fn.linear(mod.act_fn(Fn.linear(x, g)) * Fn.linear(x, u), d)
         cp.release(l, self.C)

@@ -122,6 +122,12 @@ class Copier:
         else:
             self.compute.wait_event(self.chunk_ev[l][s][j])
 
+    def wait_pending(self, l: int, s: int, j: int) -> None:
+        """Compute waits for chunk j of the copy into (l, s), if one is pending (its first use), once."""
+        if self.pending[l][s]:
+            self.wait_chunk(l, s, j)
+            self.pending[l][s] = False
+
     def release(self, l: int, s: int) -> None:
         """The compute that reads slot (l, s) has been enqueued: later copies into it wait for it."""
         if self.cuda:
