@@ -1,0 +1,101 @@
+"""How fast can the hidden-state policies' dot products be, with their arithmetic unchanged?
+
+trajectory and gate-lookahead score E = 8 experts per token and layer with E dot products of length
+D, each summed in float64 in d order (tracekit.policies.base.dot_in_d_order), so that the
+pure-Python reference, replay and live agree bit for bit. This times, per set of E dot products:
+  dot_in_d_order   the library's loop (e innermost, d unrolled by 4; numba's loop vectorizer
+                   vectorizes it over e, with the sums going through memory every 4 terms)
+  registers (E=8)  the same sums in the same order with 8 scalar accumulators held in registers
+each in a process with numba's default settings and in one with NUMBA_SLP_VECTORIZE=1 (LLVM's SLP
+vectorizer, which numba leaves off by default since numba PR #8852 because of miscompilations). It
+checks that both loops give bit-identical sums.
+
+Usage: python bench/dot_products.py [--dims 64,4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+
+def measure(dims: list[int]) -> None:
+    import numpy as np
+    from numba import njit
+
+    from tracekit.policies.base import dot_in_d_order
+
+    @njit(inline="always")
+    def dot8(M, hid, acc):
+        # M [D, 8] float64, hid float32[D]: acc[e] = sum_d hid[d] * M[d, e] in d order; returns |hid|^2
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+        hh = 0.0
+        for d in range(hid.shape[0]):
+            h = hid[d]
+            hh += h * h
+            a0 += h * M[d, 0]
+            a1 += h * M[d, 1]
+            a2 += h * M[d, 2]
+            a3 += h * M[d, 3]
+            a4 += h * M[d, 4]
+            a5 += h * M[d, 5]
+            a6 += h * M[d, 6]
+            a7 += h * M[d, 7]
+        acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7] = a0, a1, a2, a3, a4, a5, a6, a7
+        return hh
+
+    @njit
+    def loop_lib(M, H, acc, reps):
+        s = 0.0
+        for r in range(reps):
+            s += dot_in_d_order(M, H[r % H.shape[0]], acc)
+        return s
+
+    @njit
+    def loop_reg(M, H, acc, reps):
+        s = 0.0
+        for r in range(reps):
+            s += dot8(M, H[r % H.shape[0]], acc)
+        return s
+
+    slp = os.environ.get("NUMBA_SLP_VECTORIZE", "0")
+    for D in dims:
+        rng = np.random.default_rng(0)
+        M = rng.standard_normal((D, 8))
+        H = rng.standard_normal((16, D)).astype(np.float32)
+        a, b = np.zeros(8), np.zeros(8)
+        same = all(dot_in_d_order(M, H[i], a) == dot8(M, H[i], b) and np.array_equal(a, b) for i in range(16))
+        reps = max(1000, 20_000_000 // D)
+        for name, fn, acc in (("dot_in_d_order", loop_lib, a), ("registers (E=8)", loop_reg, b)):
+            fn(M, H, acc, 10)
+            best = min(_timed(fn, M, H, acc, reps) for _ in range(5))
+            print(f"| {D} | {name} | {slp} | {best / reps * 1e9:,.0f} | {'yes' if same else 'NO'} |", flush=True)
+
+
+def _timed(fn, M, H, acc, reps) -> float:
+    t = time.perf_counter()
+    fn(M, H, acc, reps)
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dims", default="64,4096")
+    ap.add_argument("--child", action="store_true")
+    a = ap.parse_args()
+    dims = [int(x) for x in a.dims.split(",")]
+    if a.child:
+        measure(dims)
+        return 0
+    print("| D | loop | SLP | ns per 8 dot products | bit-identical |\n|---|---|---|---|---|", flush=True)
+    for slp in ("0", "1"):
+        env = dict(os.environ, NUMBA_SLP_VECTORIZE=slp)
+        subprocess.run([sys.executable, __file__, "--dims", a.dims, "--child"], env=env, check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
