@@ -47,19 +47,16 @@ def measure(dims: list[int]) -> None:
         acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7] = a0, a1, a2, a3, a4, a5, a6, a7
         return hh
 
-    @njit
-    def loop_lib(M, H, acc, reps):
-        s = 0.0
-        for r in range(reps):
-            s += dot_in_d_order(M, H[r % H.shape[0]], acc)
-        return s
+    def timing_loop(dot):
+        @njit
+        def loop(M, H, acc, reps):
+            s = 0.0
+            for r in range(reps):
+                s += dot(M, H[r % H.shape[0]], acc)
+            return s
+        return loop
 
-    @njit
-    def loop_reg(M, H, acc, reps):
-        s = 0.0
-        for r in range(reps):
-            s += dot8(M, H[r % H.shape[0]], acc)
-        return s
+    loop_lib, loop_reg = timing_loop(dot_in_d_order), timing_loop(dot8)
 
     slp = os.environ.get("NUMBA_SLP_VECTORIZE", "0")
     for D in dims:
