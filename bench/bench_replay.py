@@ -70,7 +70,8 @@ def best_rate(fn, count):
     return r, best
 
 
-def throughput(tokens: int, only: list[str] | None = None) -> list[tuple[str, int, float, str]]:
+def throughput(tokens: int, only: list[str] | None = None, hidden_dim: int = 64,
+               hidden_tokens: int = 0) -> list[tuple[str, int, float, str]]:
     from tracekit import policies
     from tracekit.replay.cost import load_profile
     from tracekit.replay.engine import replay_one
@@ -105,8 +106,8 @@ def throughput(tokens: int, only: list[str] | None = None) -> list[tuple[str, in
         print(f"bare LRU loop   {rate / 1e6:7.2f} M req/s", flush=True)
     if only and not {"trajectory", "gate-lookahead"} & set(only):
         return out
-    trh = synthetic_trace(tokens=tokens // 10, layers=32, experts=8, top_k=2, seed=0, hidden_dim=64,
-                          with_router=True)
+    trh = synthetic_trace(tokens=hidden_tokens or tokens // 10, layers=32, experts=8, top_k=2, seed=0,
+                          hidden_dim=hidden_dim, with_router=True)
     plan_h = build_plan(trh)
     for name in ("trajectory", "gate-lookahead"):
         if only and name not in only:
@@ -114,8 +115,8 @@ def throughput(tokens: int, only: list[str] | None = None) -> list[tuple[str, in
         spec = policies.get(name)
         r, rate = best_rate(lambda: replay_one(spec, plan_h, 2, prof, router=trh.router, hidden_kind="full"),
                             lambda r: r.counters["requests"])
-        out.append((name + " (D=64)", r.counters["requests"], rate, PREFETCH_LOOP))
-        print(f"{name:15s} {rate / 1e6:7.2f} M req/s (hidden dim 64)", flush=True)
+        out.append((f"{name} (D={hidden_dim})", r.counters["requests"], rate, PREFETCH_LOOP))
+        print(f"{name:15s} {rate / 1e6:7.2f} M req/s (hidden dim {hidden_dim})", flush=True)
     return out
 
 
@@ -147,8 +148,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=160_000, help="throughput trace (~10M requests)")
     ap.add_argument("--sweep-tokens", type=int, default=1_000_000, help="whole-sweep trace tokens (0: skip)")
     ap.add_argument("--policies", default="", help="comma-separated subset (default: all)")
+    ap.add_argument("--hidden-dim", type=int, default=64, help="hidden size of trajectory's and gate-lookahead's trace")
+    ap.add_argument("--hidden-tokens", type=int, default=0, help="tokens of that trace (default: --tokens / 10)")
     a = ap.parse_args()
-    rows = throughput(a.tokens, [p for p in a.policies.split(",") if p] or None)
+    rows = throughput(a.tokens, [p for p in a.policies.split(",") if p] or None, a.hidden_dim, a.hidden_tokens)
     cold, warm = whole_sweep(a.sweep_tokens) if a.sweep_tokens else (float("nan"), float("nan"))
     cpu = f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} cores"
     lines = [START, "## Replay speed", "",
