@@ -1,4 +1,4 @@
-"""Instruction-level profile of a policy's fused prefetch loop (run_prefetch), with Linux perf.
+"""Instruction-level profile of a policy's compiled replay loop (run_prefetch by default), with Linux perf.
 
 numba's machine code has no symbols that perf can read, so this samples the whole process with
 `perf record -e cpu-clock` (software clock: works in VMs without hardware counters), copies the
@@ -12,6 +12,7 @@ predict that the normal build inlines). The JIT cache folder is a fresh temporar
 profiled is what replay compiles.
 
 Usage: python bench/profile_fused.py markov [--tokens 160000] [--hidden 0] [--top 8]
+       python bench/profile_fused.py ebco --function run_demand   (a demand policy's loop)
 Needs: perf, objdump (Linux).
 """
 
@@ -29,8 +30,8 @@ from pathlib import Path
 CODE_BYTES = 1 << 16          # run_prefetch compiles to well under 64 KiB
 
 
-def child(name: str, tokens: int, hidden: int, out: Path) -> None:
-    # runs under perf: compile, dump run_prefetch's code, then replay three times
+def child(name: str, tokens: int, hidden: int, function: str, out: Path) -> None:
+    # runs under perf: compile, dump the loop's code, then replay three times
     from tracekit import policies
     from tracekit.replay.cost import load_profile
     from tracekit.replay.engine import replay_one
@@ -43,12 +44,21 @@ def child(name: str, tokens: int, hidden: int, out: Path) -> None:
     spec, plan, prof = policies.get(name), build_plan(tr), load_profile("h100-pcie5")
     kw = dict(router=tr.router, hidden_kind="full") if hidden else {}
     replay_one(spec, plan, 2, prof, **kw)
-    cres = list(engine_module(spec).run_prefetch.overloads.values())[0]
+    cres = list(getattr(engine_module(spec), function).overloads.values())[0]
     addr = cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
-    (out / "code.bin").write_bytes(ctypes.string_at(addr, CODE_BYTES))
+    (out / "code.bin").write_bytes(ctypes.string_at(addr, min(CODE_BYTES, _mapped_after(addr))))
     (out / "code.addr").write_text(hex(addr))
     for _ in range(3):
         replay_one(spec, plan, 2, prof, **kw)
+
+
+def _mapped_after(addr: int) -> int:
+    # bytes from addr to the end of its memory mapping (reading past it would crash)
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= addr < hi:
+            return hi - addr
+    raise RuntimeError(f"{addr:#x} is not mapped")
 
 
 def report(out: Path, top: int) -> None:
@@ -57,7 +67,7 @@ def report(out: Path, top: int) -> None:
                          text=True, check=True).stdout.split()
     hits = collections.Counter(a for a in (int(x, 16) for x in ips) if base <= a < base + CODE_BYTES)
     inside = sum(hits.values())
-    print(f"{len(ips)} samples, {inside} ({100 * inside / max(1, len(ips)):.0f}%) in run_prefetch")
+    print(f"{len(ips)} samples, {inside} ({100 * inside / max(1, len(ips)):.0f}%) in the loop")
     dis = subprocess.run(["objdump", "-D", "-b", "binary", "-m", "i386:x86-64", f"--adjust-vma={base:#x}",
                           str(out / "code.bin")], capture_output=True, text=True, check=True).stdout
     ins = {}
@@ -83,17 +93,18 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=160000)
     ap.add_argument("--hidden", type=int, default=0)
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--function", default="run_prefetch", help="run_prefetch | run_demand | run")
     ap.add_argument("--child", default="")
     a = ap.parse_args()
     if a.child:
-        child(a.policy, a.tokens, a.hidden, Path(a.child))
+        child(a.policy, a.tokens, a.hidden, a.function, Path(a.child))
         return 0
     with tempfile.TemporaryDirectory() as d:
         env = dict(os.environ, TRACEKIT_JIT_DIR=str(Path(d) / "jit"))
         env.pop("NUMBA_ENABLE_PROFILING", None)
         subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "5000", "-o", str(Path(d) / "perf.data"),
                         sys.executable, __file__, a.policy, "--tokens", str(a.tokens), "--hidden", str(a.hidden),
-                        "--child", d], env=env, check=True)
+                        "--function", a.function, "--child", d], env=env, check=True)
         report(Path(d), a.top)
     return 0
 
