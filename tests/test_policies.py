@@ -206,3 +206,16 @@ def test_markov_matches_reference_on_mixtral_trace():
         got = replay_one(get("markov"), plan, C, PROFILE).counters
         assert got["prefetch_issued"] > 500
         assert got == reference.simulate(tr, "markov", C, cap=2, depth=0, params={})
+
+
+@pytest.mark.parametrize("name", [n for n in names() if not get(n).prefetches])
+def test_demand_policy_matches_reference_with_many_experts(name):
+    # 130 experts: ebco's active-expert bitmasks span three 64-bit words
+    from tracekit.trace.synthetic import synthetic_trace
+
+    tr = synthetic_trace(tokens=400, layers=2, experts=130, top_k=8, seed=5, hidden_dim=0)
+    plan = build_plan(tr)
+    for C in (10, 40):
+        got = replay_one(get(name), plan, C, PROFILE).counters
+        assert 0 < got["hits"] < got["requests"]
+        assert got == reference.simulate(tr, name, C, cap=2, depth=0, params={})

@@ -22,7 +22,7 @@ layer is computed.
 import numpy as np
 from numba import njit
 
-from tracekit.replay.bits import lowest_bit
+from tracekit.policies.bits import lowest_bit
 from tracekit.replay.controller import (
     C_DEC_XFER,
     C_DEMAND,

@@ -1,4 +1,4 @@
-"""Bit tricks for the numba replay loops."""
+"""Bit tricks for the numba replay loops and policies."""
 
 from llvmlite import ir
 from numba.core import types
