@@ -70,8 +70,8 @@ def best_rate(fn, count):
     return r, best
 
 
-def throughput(tokens: int, only: list[str] | None = None, hidden_dim: int = 64,
-               hidden_tokens: int = 0) -> list[tuple[str, int, float, str]]:
+def throughput(tokens: int, only: list[str] | None = None, hidden_dim: int = 64, hidden_tokens: int = 0,
+               experts: int = 8, top_k: int = 2, C: int = 2) -> list[tuple[str, int, float, str]]:
     from tracekit import policies
     from tracekit.replay.cost import load_profile
     from tracekit.replay.engine import replay_one
@@ -79,7 +79,7 @@ def throughput(tokens: int, only: list[str] | None = None, hidden_dim: int = 64,
     from tracekit.replay.table import applies
     from tracekit.trace.synthetic import synthetic_trace
 
-    tr = synthetic_trace(tokens=tokens, layers=32, experts=8, top_k=2, seed=0, hidden_dim=0)
+    tr = synthetic_trace(tokens=tokens, layers=32, experts=experts, top_k=top_k, seed=0, hidden_dim=0)
     plan = build_plan(tr)
     prof = load_profile("h100-pcie5")
     out = []
@@ -88,32 +88,32 @@ def throughput(tokens: int, only: list[str] | None = None, hidden_dim: int = 64,
         spec = policies.get(name)
         if name in ("trajectory", "gate-lookahead") or (only and name not in only):
             continue                          # need hidden states; measured separately below
-        r, best = best_rate(lambda: replay_one(spec, plan, 2, prof), lambda r: r.counters["requests"])
-        engine = PREFETCH_LOOP if spec.prefetches else "transition table" if applies(spec, plan.E, 2) else "demand loop"
+        r, best = best_rate(lambda: replay_one(spec, plan, C, prof), lambda r: r.counters["requests"])
+        engine = PREFETCH_LOOP if spec.prefetches else "transition table" if applies(spec, plan.E, C) else "demand loop"
         out.append((name, r.counters["requests"], best, engine))
         print(f"{name:15s} {best / 1e6:7.2f} M req/s", flush=True)
         if spec.prefetches:                   # the controller loop that live drives, for comparison
-            _, rate = best_rate(lambda: replay_one(spec, plan, 2, prof, engine="controller"),
+            _, rate = best_rate(lambda: replay_one(spec, plan, C, prof, engine="controller"),
                                 lambda r: r.counters["requests"])
             out.append((f"{name} (controller loop, reference)", r.counters["requests"], rate, "controller"))
             print(f"{name:15s} {rate / 1e6:7.2f} M req/s (controller loop)", flush=True)
         lru_hits = r.counters["hits"] if name == "lru" else lru_hits
     if lru_hits is not None:
-        hits, rate = best_rate(lambda: _bare_lru(plan.req_ptr, plan.req_e, plan.L, plan.E, 2),
+        hits, rate = best_rate(lambda: _bare_lru(plan.req_ptr, plan.req_e, plan.L, plan.E, C),
                                lambda _: plan.req_e.shape[0])
         assert hits == lru_hits, (hits, lru_hits)
         out.append(("bare LRU loop (reference)", plan.req_e.shape[0], rate, "no cost model, no counters"))
         print(f"bare LRU loop   {rate / 1e6:7.2f} M req/s", flush=True)
     if only and not {"trajectory", "gate-lookahead"} & set(only):
         return out
-    trh = synthetic_trace(tokens=hidden_tokens or tokens // 10, layers=32, experts=8, top_k=2, seed=0,
+    trh = synthetic_trace(tokens=hidden_tokens or tokens // 10, layers=32, experts=experts, top_k=top_k, seed=0,
                           hidden_dim=hidden_dim, with_router=True)
     plan_h = build_plan(trh)
     for name in ("trajectory", "gate-lookahead"):
         if only and name not in only:
             continue
         spec = policies.get(name)
-        r, rate = best_rate(lambda: replay_one(spec, plan_h, 2, prof, router=trh.router, hidden_kind="full"),
+        r, rate = best_rate(lambda: replay_one(spec, plan_h, C, prof, router=trh.router, hidden_kind="full"),
                             lambda r: r.counters["requests"])
         out.append((f"{name} (D={hidden_dim})", r.counters["requests"], rate, PREFETCH_LOOP))
         print(f"{name:15s} {rate / 1e6:7.2f} M req/s (hidden dim {hidden_dim})", flush=True)
@@ -150,14 +150,18 @@ def main() -> int:
     ap.add_argument("--policies", default="", help="comma-separated subset (default: all)")
     ap.add_argument("--hidden-dim", type=int, default=64, help="hidden size of trajectory's and gate-lookahead's trace")
     ap.add_argument("--hidden-tokens", type=int, default=0, help="tokens of that trace (default: --tokens / 10)")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--capacity", type=int, default=2)
     a = ap.parse_args()
-    rows = throughput(a.tokens, [p for p in a.policies.split(",") if p] or None, a.hidden_dim, a.hidden_tokens)
+    rows = throughput(a.tokens, [p for p in a.policies.split(",") if p] or None, a.hidden_dim, a.hidden_tokens,
+                      a.experts, a.top_k, a.capacity)
     cold, warm = whole_sweep(a.sweep_tokens) if a.sweep_tokens else (float("nan"), float("nan"))
     cpu = f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} cores"
     lines = [START, "## Replay speed", "",
              f"Measured by `make bench` (bench/bench_replay.py) on this CPU ({cpu}), one core, "
-             f"best of {REPEAT} after JIT. Synthetic trace: {a.tokens} tokens x 32 layers, 8 experts, "
-             "top-2, C=2, full cost model on.", "",
+             f"best of {REPEAT} after JIT. Synthetic trace: {a.tokens} tokens x 32 layers, {a.experts} experts, "
+             f"top-{a.top_k}, C={a.capacity}, full cost model on.", "",
              "| policy | engine | requests | M requests/s | target |", "|---|---|---|---|---|"]
     for name, n, rate, engine in rows:
         target = 100 if name in ("lru", "fifo", "bare LRU loop (reference)") else 20
