@@ -63,9 +63,10 @@ def _mapped_after(addr: int) -> int:
 
 def report(out: Path, top: int) -> None:
     base = int((out / "code.addr").read_text(), 16)
+    size = (out / "code.bin").stat().st_size          # what child() dumped (clamped to the mapping)
     ips = subprocess.run(["perf", "script", "-i", str(out / "perf.data"), "-F", "ip"], capture_output=True,
                          text=True, check=True).stdout.split()
-    hits = collections.Counter(a for a in (int(x, 16) for x in ips) if base <= a < base + CODE_BYTES)
+    hits = collections.Counter(a for a in (int(x, 16) for x in ips) if base <= a < base + size)
     inside = sum(hits.values())
     print(f"{len(ips)} samples, {inside} ({100 * inside / max(1, len(ips)):.0f}%) in the loop")
     dis = subprocess.run(["objdump", "-D", "-b", "binary", "-m", "i386:x86-64", f"--adjust-vma={base:#x}",
