@@ -132,10 +132,13 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
     ch = sc[P_CHUNKS]
     nbytes1 = sc[P_BYTES]
     f1 = interp(ffn_tok, ffn_s, 1)
-    # counters and queue state in registers
-    n_req = n_hit = n_dreq = n_dhit = n_dem = n_iss = n_used = n_wasted = n_drop = 0
-    n_dxfer = n_evict = n_xfer = 0
+    # counters and queue state in registers. Only the counters that cannot be derived are kept:
+    # hits = requests - demand misses (every miss is one demand transfer), transfers = demand + issued,
+    # used = in flight at the start + issued - wasted - in flight at the end (every prefetch leaves the
+    # in-flight count used or wasted).
+    n_dreq = n_dem = n_ddem = n_iss = n_diss = n_wasted = n_drop = n_evict = 0
     head, tail, qlen, infl, cap, clock = q[Q_HEAD], q[Q_TAIL], q[Q_LEN], q[Q_INFLIGHT], q[Q_CAP], q[Q_CLOCK]
+    infl0 = infl
     stall, compute, copy, nbytes, engine = demand_acc(tl)
     for l in range(L):
         pend[l] = 0
@@ -153,27 +156,21 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
         dec = decode[s] == 1
         start, stall0, comp0 = cursor, stall, compute
         attn = attn_seconds(sc, ntok)
+        if dec:
+            n_dreq += req_ptr[(s + 1) * L] - req_ptr[s * L]
         for l in range(L):
             pos = s * L + l
             a, b = req_ptr[pos], req_ptr[pos + 1]
             compute += attn
             t_route = cursor + attn
             # ---- serve: hits and demand misses (copies enqueued at t_route, in request order)
-            n_req += b - a
-            if dec:
-                n_dreq += b - a
             if b > a:
                 clock = b - 1
             t = t_route
             for i in range(a, b):
                 e = np.int64(req_e[i])
                 if slot_of[l, e] >= 0:
-                    n_hit += 1
-                    if dec:
-                        n_dhit += 1
-                    used = pf[l, e] == 2          # a resident expert's pf is 0 or 2
-                    n_used += used
-                    infl -= used
+                    infl -= pf[l, e] == 2         # used (a resident expert's pf is 0 or 2)
                     pf[l, e] = 0
                     on_access(st, l, e, True, i, req_next[i])
                 else:
@@ -181,9 +178,7 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
                         st, l, e, i, req_next, t_route, slot_of, slot_owner, nres, pf, want, pend, cand, ready,
                         engine, copy, nbytes, dur, nbytes1, n_drop, n_evict, n_wasted, infl)
                     n_dem += 1
-                    n_xfer += 1
-                    if dec:
-                        n_dxfer += 1
+                    n_ddem += dec
                 # compute it now: its landing time is final (see the module's docstring)
                 f = f1 if req_ntok[i] == 1 else interp(ffn_tok, ffn_s, req_ntok[i])
                 end = expert_end(t, f, ready[l, e], ch)
@@ -193,23 +188,25 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
             cursor = t
             # ---- retire this layer's predictions whose target has been served
             m = pend[l]
+            keep = m
             while m:
                 e = np.int64(lowest_bit(m))
-                m &= m - np.uint64(1)
+                bit = m & ~(m - np.uint64(1))
+                m ^= bit
                 w = want[l, e]
-                if w <= pos:
-                    p = pf[l, e]
-                    n_wasted += p == 2
-                    n_drop += p == 1
-                    infl -= p == 2
-                    pf[l, e] = 0
-                    want[l, e] = -1
-                    pend[l] &= ~(np.uint64(1) << np.uint64(e))
+                done = w <= pos
+                p = pf[l, e]
+                n_wasted += done & (p == 2)
+                n_drop += done & (p == 1)
+                infl -= done & (p == 2)
+                pf[l, e] = 0 if done else p
+                want[l, e] = -1 if done else w
+                keep = keep ^ bit if done else keep
+            pend[l] = keep
             # ---- issue queued prefetches (copies at t_route, after the demand copies)
-            head, qlen, infl, engine, copy, nbytes, n_iss, n_xfer, n_dxfer, n_drop, n_wasted, n_evict = _pf_issue(
+            head, qlen, infl, engine, copy, nbytes, n_iss, n_diss, n_drop, n_wasted, n_evict = _pf_issue(
                 st, pos, dec, t_route, clock, slot_of, slot_owner, nres, pf, want, pend, queue, cand, ready, head,
-                qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_xfer, n_dxfer, n_drop, n_wasted,
-                n_evict)
+                qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_diss, n_drop, n_wasted, n_evict)
             # ---- after: observe, predict, queue, issue (copies at the layer's end)
             if not (observe_on or (predict_on and dec)):
                 continue
@@ -228,28 +225,30 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
                         tt = pos + pred[r, 0] * L + (tl_ - l)
                         if tt <= pos:
                             continue
-                        if slot_of[tl_, te] >= 0 or pf[tl_, te] != 0:
-                            if tt > want[tl_, te]:
-                                want[tl_, te] = tt
-                                pend[tl_] |= np.uint64(1) << np.uint64(te)
-                                if pf[tl_, te] == 1 and qlen < QN:
-                                    queue[tail, 0], queue[tail, 1], queue[tail, 2] = tl_, te, tt
-                                    tail = tail + 1 if tail + 1 < QN else 0
-                                    qlen += 1
-                            continue
-                        if qlen >= QN:
-                            n_drop += 1
-                            continue
-                        queue[tail, 0], queue[tail, 1], queue[tail, 2] = tl_, te, tt
-                        tail = tail + 1 if tail + 1 < QN else 0
-                        qlen += 1
-                        pf[tl_, te] = 1
-                        want[tl_, te] = tt
+                        # as `after`, written with selects (whether te is resident or pending is
+                        # unpredictable): a new prediction is queued (pf = 1); a resident or pending
+                        # one takes the later target, and a queued one is re-queued under it. An
+                        # expert neither resident nor pending has want = -1, so want = max(want, tt)
+                        # in every case, and its pend bit is set whenever want >= 0.
+                        p = pf[tl_, te]
+                        w = want[tl_, te]
+                        new = (slot_of[tl_, te] < 0) & (p == 0)
+                        if qlen >= QN:                # rare: a full queue takes nothing
+                            n_drop += new
+                            if new:
+                                continue
+                        else:
+                            queue[tail, 0], queue[tail, 1], queue[tail, 2] = tl_, te, tt
+                            push = new | ((tt > w) & (p == 1))
+                            nt = tail + 1 if tail + 1 < QN else 0
+                            tail = nt if push else tail
+                            qlen += push
+                        pf[tl_, te] = 1 if new else p
+                        want[tl_, te] = max(w, tt)
                         pend[tl_] |= np.uint64(1) << np.uint64(te)
-            head, qlen, infl, engine, copy, nbytes, n_iss, n_xfer, n_dxfer, n_drop, n_wasted, n_evict = _pf_issue(
+            head, qlen, infl, engine, copy, nbytes, n_iss, n_diss, n_drop, n_wasted, n_evict = _pf_issue(
                 st, pos, dec, cursor, clock, slot_of, slot_owner, nres, pf, want, pend, queue, cand, ready, head,
-                qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_xfer, n_dxfer, n_drop, n_wasted,
-                n_evict)
+                qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_diss, n_drop, n_wasted, n_evict)
         if dec:
             dec_time += cursor - start
             dec_tok += ntok
@@ -263,18 +262,19 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
                 infl -= 1
                 pf[l, e] = 0
             resident[l, e] = slot_of[l, e] >= 0
+    n_req = req_ptr[S * L] - req_ptr[0]
     cnt[C_REQ] += n_req
-    cnt[C_HIT] += n_hit
+    cnt[C_HIT] += n_req - n_dem
     cnt[C_DREQ] += n_dreq
-    cnt[C_DHIT] += n_dhit
+    cnt[C_DHIT] += n_dreq - n_ddem
     cnt[C_DEMAND] += n_dem
     cnt[C_PF_ISSUED] += n_iss
-    cnt[C_PF_USED] += n_used
+    cnt[C_PF_USED] += infl0 + n_iss - n_wasted - infl
     cnt[C_PF_WASTED] += n_wasted
     cnt[C_PF_DROPPED] += n_drop
-    cnt[C_DEC_XFER] += n_dxfer
+    cnt[C_DEC_XFER] += n_ddem + n_diss
     cnt[C_EVICT] += n_evict
-    cnt[C_XFER] += n_xfer
+    cnt[C_XFER] += n_dem + n_iss
     q[Q_HEAD], q[Q_TAIL], q[Q_LEN], q[Q_INFLIGHT], q[Q_CLOCK] = head, tail, qlen, infl, clock
     store_demand_acc(tl, stall, compute, copy, nbytes, engine)
     return cursor, dec_time, dec_tok, dec_stall, dec_compute
@@ -282,7 +282,7 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
 
 @njit(cache=True, inline="always", _nrt=False)
 def _pf_issue(st, pos, dec, t_issue, clock, slot_of, slot_owner, nres, pf, want, pend, queue, cand, ready, head,
-              qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_xfer, n_dxfer, n_drop, n_wasted, n_evict):
+              qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_diss, n_drop, n_wasted, n_evict):
     # controller._issue: queued prefetches start, in FIFO order, while fewer than cap are in flight;
     # each copy is enqueued on the engine at t_issue. Returns the updated registers.
     QN = queue.shape[0]
@@ -312,10 +312,9 @@ def _pf_issue(st, pos, dec, t_issue, clock, slot_of, slot_owner, nres, pf, want,
         pf[l, e] = 2
         infl += 1
         n_iss += 1
-        n_xfer += 1
-        n_dxfer += dec
+        n_diss += dec
         engine = max(t_issue, engine) + dur
         copy += dur
         nbytes += nbytes1
         ready[l, e] = engine
-    return head, qlen, infl, engine, copy, nbytes, n_iss, n_xfer, n_dxfer, n_drop, n_wasted, n_evict
+    return head, qlen, infl, engine, copy, nbytes, n_iss, n_diss, n_drop, n_wasted, n_evict
