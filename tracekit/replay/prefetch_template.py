@@ -56,14 +56,15 @@ from tracekit.replay.cost import (
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _pf_victim(st, l, slot_owner, want, cand, C, demand):
+def _pf_victim(st, l, slot_owner, pend, cand, C, demand):
     # the expert to evict at a full layer: the policy's victim among residents not predicted
-    # (want < 0); a demand miss falls back to all residents; -1: none (a prefetch is dropped)
+    # (want < 0: no pend bit); a demand miss falls back to all residents; -1: none (a prefetch is dropped)
     n = 0
+    pl = pend[l]
     for s in range(C):
         e = slot_owner[l, s]
         cand[n] = e
-        n += want[l, e] < 0
+        n += ((pl >> np.uint64(e)) & np.uint64(1)) == 0
     if n == 0:
         if not demand:
             return -1
@@ -84,7 +85,7 @@ def _slot_for(st, l, demand, slot_of, slot_owner, nres, pf, want, pend, cand):
             k += 1
         nres[l] += 1
         return k, 0, 0
-    v = _pf_victim(st, l, slot_owner, want, cand, C, demand)
+    v = _pf_victim(st, l, slot_owner, pend, cand, C, demand)
     if v < 0:
         return -1, 0, 0
     on_evict(st, l, v)
