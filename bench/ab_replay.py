@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def child(policy: str, hidden_dim: int) -> None:
+    import tracekit.replay.engine as engine
     from tracekit import policies
     from tracekit.replay.cost import load_profile
     from tracekit.replay.engine import replay_one
@@ -43,14 +44,20 @@ def child(policy: str, hidden_dim: int) -> None:
         t = time.perf_counter()
         r = replay_one(spec, plan, 2, prof, **kw)
         best = max(best, r.counters["requests"] / (time.perf_counter() - t))
-    print(f"{best / 1e6:.2f} {r.counters['hits']} {r.counters['transfers']} {r.counters['prefetch_issued']}")
+    print(f"{best / 1e6:.2f} {r.counters['hits']} {r.counters['transfers']} {r.counters['prefetch_issued']} "
+          f"{Path(engine.__file__).resolve()}")
 
 
 def run_tree(tree: Path, policy: str, hidden_dim: int, jit_dir: str) -> tuple[float, tuple]:
     env = dict(os.environ, PYTHONPATH=str(tree), TRACEKIT_JIT_DIR=jit_dir)
-    out = subprocess.run([sys.executable, __file__, "--child", "--policy", policy, "--hidden-dim", str(hidden_dim)],
-                         env=env, check=True, capture_output=True, text=True).stdout.split()
-    return float(out[0]), tuple(out[1:])
+    p = subprocess.run([sys.executable, __file__, "--child", "--policy", policy, "--hidden-dim", str(hidden_dim)],
+                       env=env, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"the run in {tree} failed:\n{p.stderr[-2000:]}")
+    out = p.stdout.split()
+    if not Path(out[-1]).is_relative_to(tree.resolve()):
+        sys.exit(f"the run for {tree} imported tracekit from {out[-1]}")
+    return float(out[0]), tuple(out[1:-1])
 
 
 def main() -> int:
@@ -72,7 +79,7 @@ def main() -> int:
             archive = subprocess.run(["git", "-C", str(ROOT), "archive", a.old_rev, "tracekit"], check=True,
                                      capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-        if not (old / "tracekit").is_dir():
+        if not (old / "tracekit" / "__init__.py").is_file():
             sys.exit("give --old DIR (holding tracekit/) or --old-rev REV")
         trees = {"old": old, "new": ROOT}
         jit = {k: str(Path(tmp) / f"jit_{k}") for k in trees}
