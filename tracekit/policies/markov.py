@@ -70,7 +70,13 @@ def predict(st, l, ex, hid, out):
             v = ((P[l, a0, b] + P[l, a1, b]) << 10) + (1023 - b)
             b2 = max(b2, min(v, b1))
             b1 = max(b1, v)
-        return _rows(out, l, b1, b2)
+        if b1 < 1024:                             # only experts ever seen to follow (score > 0)
+            return 0
+        _row(out, 0, l, b1)
+        if b2 < 1024:
+            return 1
+        _row(out, 1, l, b2)
+        return 2
     for b in range(E):
         key[b] = 1023 - b
     for i in range(ex.shape[0]):
@@ -89,25 +95,17 @@ def predict(st, l, ex, hid, out):
         if best < 1024:                           # only experts ever seen to follow (score > 0)
             break
         prev = best
-        out[k, 0] = 1
-        out[k, 1] = l
-        out[k, 2] = 1023 - (best & 1023)
+        _row(out, k, l, best)
         k += 1
     return k
 
 
 @njit(cache=True, inline="always")
-def _rows(out, l, b1, b2):
-    # rows for the keys b1 > b2 that have score > 0 (key >= 1024)
-    k = 0
-    for v in (b1, b2):
-        if v < 1024:
-            break
-        out[k, 0] = 1
-        out[k, 1] = l
-        out[k, 2] = 1023 - (v & 1023)
-        k += 1
-    return k
+def _row(out, k, l, key):
+    # row k: the expert of `key` at layer l of the next step
+    out[k, 0] = 1
+    out[k, 1] = l
+    out[k, 2] = 1023 - (key & 1023)
 
 
 register(PolicySpec("markov", "prefetch", "temporal chain: prefetch the likeliest experts of the next token",
