@@ -1,6 +1,8 @@
 """Bit tricks for the numba replay loops and policies."""
 
+import numpy as np
 from llvmlite import ir
+from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
@@ -17,3 +19,9 @@ def lowest_bit(typingctx, m):
         return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
 
     return types.uint64(types.uint64), codegen
+
+
+@njit(cache=True, inline="always")
+def bit(i):
+    """The uint64 mask with only bit i set (0 <= i < 64)."""
+    return np.uint64(1) << np.uint64(i)

@@ -21,7 +21,7 @@ from numba import njit
 
 from tracekit.policies import register
 from tracekit.policies.base import PolicySpec, no_predict, noop_evict
-from tracekit.policies.bits import lowest_bit
+from tracekit.policies.bits import bit, lowest_bit
 
 
 def make_state(ctx):
@@ -41,7 +41,7 @@ def on_access(st, l, e, hit, now, nxt):
         for w in range(cur.shape[1]):
             cur[l, w] = 0
         phase[l] = 0
-    cur[l, e >> 6] |= np.uint64(1) << np.uint64(e & 63)
+    cur[l, e >> 6] |= bit(e & 63)
     st[4][l, e] = now
 
 
@@ -61,7 +61,7 @@ def observe(st, l, ex, hid):
         a = ex[i]
         if a < 0:
             continue
-        last[l, a >> 6] |= np.uint64(1) << np.uint64(a & 63)
+        last[l, a >> 6] |= bit(a & 63)
         for j in range(i + 1, ex.shape[0]):
             b = ex[j]
             if b >= 0 and b != a:

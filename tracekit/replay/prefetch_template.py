@@ -22,7 +22,7 @@ layer is computed.
 import numpy as np
 from numba import njit
 
-from tracekit.policies.bits import lowest_bit
+from tracekit.policies.bits import bit, lowest_bit
 from tracekit.replay.controller import (
     C_DEC_XFER,
     C_DEMAND,
@@ -93,7 +93,7 @@ def _slot_for(st, l, demand, slot_of, slot_owner, nres, pf, want, pend, cand):
     pf[l, v] = 0
     if want[l, v] >= 0:
         want[l, v] = -1
-        pend[l] &= ~(np.uint64(1) << np.uint64(v))
+        pend[l] &= ~bit(v)
     k = slot_of[l, v]
     slot_of[l, v] = -1
     return k, 1, np.int64(w2)
@@ -145,7 +145,7 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
         pend[l] = 0
         for e in range(E):
             if want[l, e] >= 0:
-                pend[l] |= np.uint64(1) << np.uint64(e)
+                pend[l] |= bit(e)
     cursor = 0.0
     dec_time = 0.0
     dec_tok = 0
@@ -192,8 +192,8 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
             keep = m
             while m:
                 e = np.int64(lowest_bit(m))
-                bit = m & ~(m - np.uint64(1))
-                m ^= bit
+                low = m & ~(m - np.uint64(1))
+                m ^= low
                 w = want[l, e]
                 done = w <= pos
                 p = pf[l, e]
@@ -202,7 +202,7 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
                 infl -= done & (p == 2)
                 pf[l, e] = 0 if done else p
                 want[l, e] = -1 if done else w
-                keep = keep ^ bit if done else keep
+                keep = keep ^ low if done else keep
             pend[l] = keep
             # ---- issue queued prefetches (copies at t_route, after the demand copies)
             head, qlen, infl, engine, copy, nbytes, n_iss, n_diss, n_drop, n_wasted, n_evict = _pf_issue(
@@ -246,7 +246,7 @@ def run_prefetch(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, 
                             qlen += push
                         pf[tl_, te] = 1 if new else p
                         want[tl_, te] = max(w, tt)
-                        pend[tl_] |= np.uint64(1) << np.uint64(te)
+                        pend[tl_] |= bit(te)
             head, qlen, infl, engine, copy, nbytes, n_iss, n_diss, n_drop, n_wasted, n_evict = _pf_issue(
                 st, pos, dec, cursor, clock, slot_of, slot_owner, nres, pf, want, pend, queue, cand, ready, head,
                 qlen, infl, cap, engine, copy, nbytes, dur, nbytes1, n_iss, n_diss, n_drop, n_wasted, n_evict)
@@ -304,7 +304,7 @@ def _pf_issue(st, pos, dec, t_issue, clock, slot_of, slot_owner, nres, pf, want,
         if k < 0:
             pf[l, e] = 0
             want[l, e] = -1
-            pend[l] &= ~(np.uint64(1) << np.uint64(e))
+            pend[l] &= ~bit(e)
             n_drop += 1
             continue
         slot_of[l, e] = k
