@@ -28,8 +28,8 @@ from tracekit.replay.plan import build_plan
 sys.path.insert(0, str(Path(__file__).parent))
 import reference  # noqa: E402
 import reference_policies  # noqa: E402
-from test_policies import make_trace  # noqa: E402
-from test_replay_engines import PROFILES, assert_identical  # noqa: E402
+from test_policies import PROFILE, make_trace  # noqa: E402
+from test_replay_engines import RANDOM_TRACE, assert_identical  # noqa: E402
 
 NAME = "test-multitarget"
 
@@ -72,9 +72,7 @@ def spec():
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(L=st.integers(1, 4), E=st.integers(2, 8), K=st.integers(1, 3), seed=st.integers(0, 2**32 - 1),
-       steps=st.lists(st.tuples(st.sampled_from([True, True, False]), st.integers(1, 4)), min_size=1, max_size=20),
-       C=st.integers(1, 6), cap=st.integers(1, 4), prof=st.sampled_from(PROFILES))
+@given(**{**RANDOM_TRACE, "L": st.integers(1, 4)}, C=st.integers(1, 6), cap=st.integers(1, 4))
 def test_several_targets_per_expert_agree_on_every_controller(spec, L, E, K, seed, steps, C, cap, prof):
     K, C = min(K, E), min(C, E)
     tr = make_trace(L, E, K, steps, seed, "none", False)
@@ -97,4 +95,4 @@ def test_the_policy_reaches_the_re_queue_path(spec):
     got = reference.simulate(tr, NAME, 2, cap=1, check=check)
     assert max(seen) > 0
     assert got["prefetch_issued"] > 0 and got["prefetch_used"] > 0 and got["prefetch_wasted"] > 0
-    assert replay_one(spec, build_plan(tr), 2, PROFILES[0], cap=1, engine="prefetch").counters == got
+    assert replay_one(spec, build_plan(tr), 2, PROFILE, cap=1, engine="prefetch").counters == got
