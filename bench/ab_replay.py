@@ -18,8 +18,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench_replay import best_rate  # bench/ is this script's folder, first on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +29,6 @@ def child(policy: str, hidden_dim: int) -> None:
     import tracekit.replay.engine as engine
     from tracekit import policies
     from tracekit.replay.cost import load_profile
-    from tracekit.replay.engine import replay_one
     from tracekit.replay.plan import build_plan
     from tracekit.trace.synthetic import synthetic_trace
 
@@ -38,12 +38,7 @@ def child(policy: str, hidden_dim: int) -> None:
     plan = build_plan(tr)
     kw = dict(router=tr.router, hidden_kind="full") if hidden_dim else {}
     spec, prof = policies.get(policy), load_profile("h100-pcie5")
-    r = replay_one(spec, plan, 2, prof, **kw)
-    best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        r = replay_one(spec, plan, 2, prof, **kw)
-        best = max(best, r.counters["requests"] / (time.perf_counter() - t))
+    r, best = best_rate(lambda: engine.replay_one(spec, plan, 2, prof, **kw), lambda r: r.counters["requests"], repeat=5)
     print(f"{best / 1e6:.2f} {r.counters['hits']} {r.counters['transfers']} {r.counters['prefetch_issued']} "
           f"{Path(engine.__file__).resolve()}")
 

@@ -59,11 +59,11 @@ def _bare_lru(req_ptr, req_e, L, E, C):
     return hits
 
 
-def best_rate(fn, count):
-    """Warm fn() up, then run it REPEAT times: -> (its last result, best count(result) per second)."""
+def best_rate(fn, count, repeat: int = REPEAT):
+    """Warm fn() up, then run it `repeat` times: -> (its last result, best count(result) per second)."""
     fn()
     best = 0.0
-    for _ in range(REPEAT):
+    for _ in range(repeat):
         t = time.perf_counter()
         r = fn()
         best = max(best, count(r) / (time.perf_counter() - t))
