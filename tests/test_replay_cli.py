@@ -55,6 +55,20 @@ def test_plot_and_csv(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@needs_shared
+def test_table_gives_a_policy_that_cannot_run_one_row_and_its_reason_once():
+    r = run_cli("replay", TWO, "--policy", "lru,trajectory", "--capacity", "2,4", "-j", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    lru = [ln for ln in lines if ln.startswith("│ lru ")]
+    traj = [ln for ln in lines if ln.startswith("│ trajectory ")]
+    assert len(lru) == 2 and "0.3431" in lru[0] and "0.6033" in lru[1]
+    assert len(traj) == 1 and "2,4" in traj[0] and "n/a" in traj[0]
+    reasons = [ln for ln in lines if "not applicable" in ln]
+    assert len(reasons) == 1 and reasons[0].startswith("trajectory: not applicable: needs hidden states")
+    assert max(map(len, lines)) < 160          # the reason no longer stretches a column
+
+
 def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
     foreign = tmp_path / "foreign.parquet"
     pq.write_table(pa.table({"a": [1, 2]}), foreign)

@@ -28,21 +28,23 @@ def wide_console():
 
 
 def render_table(rows: list[dict], profile_name: str, console=None) -> None:
+    """One table per trace. A policy that cannot run on the trace gets one row (its capacities, "n/a")
+    and its reason once, under the table, instead of a reason per capacity stretching a column."""
     from rich.table import Table
 
     console = console or wide_console()
     for trace in dict.fromkeys(r["trace"] for r in rows):
-        t = Table(title=f"{trace}  (profile {profile_name})", title_justify="left")
+        t = Table(title=f"{trace}  (profile {profile_name})", title_justify="left", caption_justify="left")
         for col in ("policy", "C", "decode hit", "all hit", "xfer/tok", "GB/tok", "above MIN",
                     "stall ms/tok", "ms/tok", "sim tok/s", "pf used/issued", "CPU misses"):
             t.add_column(col, justify="left" if col == "policy" else "right")
+        na: dict[str, list[dict]] = {}        # policy -> its not-applicable rows, in order
         for r in rows:
             if r["trace"] != trace:
                 continue
             name = r["policy"] + (" (oracle)" if r["kind"] == "oracle" else "")
             if not r["applicable"]:
-                t.add_row(name, str(r["capacity"]), f"[dim]not applicable: {r['reason']}[/dim]",
-                          *[""] * 9)
+                na.setdefault(name, []).append(r)
                 continue
             pf = f"{r['prefetch_used']}/{r['prefetch_issued']}" if r["prefetch_issued"] else "-"
             t.add_row(name, str(r["capacity"]), _f(r["decode_hit_rate"], ".4f"), _f(r["hit_rate"], ".4f"),
@@ -50,6 +52,10 @@ def render_table(rows: list[dict], profile_name: str, console=None) -> None:
                       _f(r["transfers_above_belady"], "+.2f"), _f(r["stall_ms_per_token"], ".1f"),
                       _f(r["time_ms_per_token"], ".1f"), _f(r["sim_tokens_per_s"], ".2f"), pf,
                       _cpu_cell(r))
+        for name, rs in na.items():
+            t.add_row(f"[dim]{name}[/dim]", ",".join(str(r["capacity"]) for r in rs), "[dim]n/a[/dim]", *[""] * 9)
+        t.caption = "\n".join(f"{name}: not applicable: " + "; ".join(dict.fromkeys(r["reason"] for r in rs))
+                               for name, rs in na.items()) or None
         console.print(t)
 
 
