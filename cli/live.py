@@ -75,7 +75,7 @@ def live(
                                                    prompts, layers, max_tokens, device, log=_log,
                                                    hybrid=hybrid, profile=profile, cpu_threads=cpu_threads,
                                                    cpu_kernel=cpu_kernel, split=split))
-    print(json.dumps(res, indent=2) if fmt == "json" else
+    print(_json(res) if fmt == "json" else
           f"identical={res['identical']}  resident {res['resident_tok_s']:.2f} tok/s  offloaded "
           f"{res['offloaded_tok_s']:.2f} tok/s  hit {res['hit_rate']:.3f}"
           + (f"  cpu share {res['cpu_share']:.2f}  {res['cpu_ms_per_job']:.2f} ms per CPU expert "
@@ -132,9 +132,25 @@ def _calibrate(out: Optional[str], force: bool = False, cpu_threads: Optional[in
           f"FFN 1 token {prof['ffn_ms']['1']} ms, attention {prof['attn_ms']} ms/layer on {prof['card']}")
 
 
+def _json(obj) -> str:
+    # strict JSON: a figure a run has no value for (NaN, e.g. live tok/s under --dry-run) is null
+    def clean(v):
+        if isinstance(v, float) and v != v:
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return [clean(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
+
+
+def _cell(v, f: str) -> str:
+    return "-" if isinstance(v, float) and v != v else f.format(v)
+
+
 def _print_rows(rows: list, fmt: str) -> None:
     if fmt == "json":
-        print(json.dumps(rows, indent=2))
+        print(_json(rows))
         return
     from rich.table import Table
 
@@ -155,5 +171,5 @@ def _print_rows(rows: list, fmt: str) -> None:
     for h, _, _ in cols:
         t.add_column(h)
     for r in rows:
-        t.add_row(*[f.format(r[k]) for _, k, f in cols])
+        t.add_row(*[_cell(r[k], f) for _, k, f in cols])
     wide_console().print(t)

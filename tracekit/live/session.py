@@ -112,9 +112,11 @@ def _one(ex, spec, plan, tr, C, cap, p, shapes, hy, trace_path, log) -> dict:
     r = row(live, tok_s, p, plan, p.h2d_GBps, os.path.basename(trace_path), rep.total_s - rep.decode_s)
     r["bookkeeping_equal"] = rep.counters == live.counters
     r["pred_cpu_busy_s_all_steps"] = rep.cpu_busy_s
+    live_s = "- (dry run)" if ex.dry else f"{r['live_tok_s']:.2f} tok/s"
+    eff = "" if ex.dry else f", eff {r['efficiency']:.2f}"
     log(f"{r['trace']} C={C} chunks={len(ex.rows)} {spec.name}{' hybrid' if hy else ''}{' split' if split else ''}: live "
-        f"{r['live_tok_s']:.2f} tok/s, pred {tok_s:.2f}, hit {r['hit_rate']:.3f}, cpu share "
-        f"{r['cpu_share']:.2f}, eff {r['efficiency']:.2f}, equal={r['bookkeeping_equal']}")
+        f"{live_s}, pred {tok_s:.2f}, hit {r['hit_rate']:.3f} over {r['decode_tokens']} decode tokens, cpu share "
+        f"{r['cpu_share']:.2f}{eff}, equal={r['bookkeeping_equal']}")
     return r
 
 
