@@ -84,6 +84,7 @@ def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
         ("replay", "synthetic:tokens=50,layers=2", "--capacity", "0"),
         ("replay", "synthetic:tokens=50,layers=2", "--profile", "no-such-gpu"),
         ("replay", "synthetic:tokens=50,layers=2", "--out", existing),
+        ("replay", tmp_path),                 # a folder of Parquet files, not a partial recording
     ]
     for args in cases:
         r = run_cli(*args)
@@ -92,6 +93,7 @@ def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:"), (args, r.stderr)
         assert "Traceback" not in r.stderr
     assert existing.read_bytes() == b"precious"
+    assert "a directory of 3 Parquet file(s), not a trace" in r.stderr
 
 
 def test_replay_never_imports_torch():
@@ -232,3 +234,23 @@ def test_token_steps_make_every_token_a_decode_step():
     assert tt.num_steps == 40 and (tt.phase == 1).all()
     r = replay_one(policies.get("lru"), build_plan(tt), 2, load_profile("h100-pcie5"))
     assert r.decode_tokens == 40 and r.counters["decode_requests"] == r.counters["requests"] == 40 * 2 * 2
+
+
+@pytest.mark.skipif(not (SHARED / "flame_moe_290m_prefill_4x512.parquet").exists(), reason="../shared/traces not present")
+def test_a_trace_without_decode_steps_has_undefined_not_zero_decode_metrics(tmp_path):
+    flame = SHARED / "flame_moe_290m_prefill_4x512.parquet"
+    r = run_cli("replay", flame, "--policy", "lru,belady", "--capacity", "8", "--format", "json", "-j", "1")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) for x in r.stdout.splitlines()]
+    assert len(rows) == 2 and all(x["decode_tokens"] == 0 and x["requests"] > 0 for x in rows)
+    for x in rows:
+        assert 0 < x["hit_rate"] < 1                          # prefill requests are still scored
+        for key in ("decode_hit_rate", "transfers_per_token", "bytes_per_token", "sim_tokens_per_s",
+                    "time_ms_per_token", "transfers_above_belady"):
+            assert x[key] is None, key
+    assert "no decode steps" in r.stderr and "--steps tokens" in r.stderr
+    png = tmp_path / "c.png"
+    r = run_cli("replay", flame, "-p", "lru", "-c", "8", "--plot", png, "-j", "1")    # table + plot: no crash
+    assert r.returncode == 0 and "│ lru" in r.stdout and png.exists(), r.stderr
+    r = run_cli("replay", flame, "-p", "lru", "-c", "8", "--steps", "tokens", "--format", "json", "-j", "1")
+    assert json.loads(r.stdout)["sim_tokens_per_s"] > 0 and "no decode steps" not in r.stderr

@@ -17,8 +17,15 @@ COLUMNS = (
 )
 
 
-def _div(a: float, b: float) -> float:
-    return a / b if b else 0.0
+def _div(a: float, b: float) -> float | None:
+    # a ratio over nothing (no decode tokens, no requests, no misses) is undefined: None
+    # (null in JSON/CSV/Parquet, "-" in the table), never a 0 that reads as a measured zero
+    return a / b if b else None
+
+
+def _ms(a: float, b: float) -> float | None:
+    v = _div(a, b)
+    return None if v is None else 1e3 * v
 
 
 def metric_row(trace: str, policy: str, kind: str, capacity: int, r: ReplayResult) -> dict:
@@ -36,9 +43,9 @@ def metric_row(trace: str, policy: str, kind: str, capacity: int, r: ReplayResul
         "transfers_per_token": _div(c["decode_transfers"], tok),
         "bytes_per_token": _div(experts_copied(c, decode=True) * r.expert_bytes, tok),
         "transfers_above_belady": None,
-        "stall_ms_per_token": 1e3 * _div(r.decode_stall_s, tok),
-        "compute_ms_per_token": 1e3 * _div(r.decode_compute_s, tok),
-        "time_ms_per_token": 1e3 * _div(r.decode_s, tok),
+        "stall_ms_per_token": _ms(r.decode_stall_s, tok),
+        "compute_ms_per_token": _ms(r.decode_compute_s, tok),
+        "time_ms_per_token": _ms(r.decode_s, tok),
         "stall_share": _div(r.decode_stall_s, r.decode_s),
         "sim_tokens_per_s": _div(tok, r.decode_s),
         "decode_tokens": tok,
@@ -46,7 +53,7 @@ def metric_row(trace: str, policy: str, kind: str, capacity: int, r: ReplayResul
         "cpu_miss_share": _div(c["cpu_misses"], c["requests"] - c["hits"]),
         "split_misses": c["split_misses"],
         "split_miss_share": _div(c["split_misses"], c["requests"] - c["hits"]),
-        "cpu_ms_per_token": 1e3 * _div(r.cpu_busy_s, tok),
+        "cpu_ms_per_token": _ms(r.cpu_busy_s, tok),
     }
 
 
@@ -62,5 +69,5 @@ def add_belady_gap(rows: list[dict]) -> None:
              for r in rows if r["policy"] == "belady" and r["applicable"]}
     for r in rows:
         b = bound.get((r["trace"], r["capacity"]))
-        if r["applicable"] and b is not None:
+        if r["applicable"] and b is not None and r["transfers_per_token"] is not None:
             r["transfers_above_belady"] = r["transfers_per_token"] - b

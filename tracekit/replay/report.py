@@ -48,7 +48,7 @@ def render_table(rows: list[dict], profile_name: str, console=None) -> None:
                 continue
             pf = f"{r['prefetch_used']}/{r['prefetch_issued']}" if r["prefetch_issued"] else "-"
             t.add_row(name, str(r["capacity"]), _f(r["decode_hit_rate"], ".4f"), _f(r["hit_rate"], ".4f"),
-                      _f(r["transfers_per_token"], ".2f"), _f(r["bytes_per_token"] / 1e9, ".3f"),
+                      _f(r["transfers_per_token"], ".2f"), _f(r["bytes_per_token"] and r["bytes_per_token"] / 1e9, ".3f"),
                       _f(r["transfers_above_belady"], "+.2f"), _f(r["stall_ms_per_token"], ".1f"),
                       _f(r["time_ms_per_token"], ".1f"), _f(r["sim_tokens_per_s"], ".2f"), pf,
                       _cpu_cell(r))
@@ -57,6 +57,13 @@ def render_table(rows: list[dict], profile_name: str, console=None) -> None:
         t.caption = "\n".join(f"{name}: not applicable: " + "; ".join(dict.fromkeys(r["reason"] for r in rs))
                                for name, rs in na.items()) or None
         console.print(t)
+
+
+def traces_without_decode(rows: list[dict]) -> list[str]:
+    """Traces on which a policy ran but no decode token was replayed (their decode metrics are None)."""
+    ran = [r for r in rows if r["applicable"]]
+    return [t for t in dict.fromkeys(r["trace"] for r in ran)
+            if all(r["decode_tokens"] == 0 for r in ran if r["trace"] == t)]
 
 
 def _cpu_cell(r: dict) -> str:
@@ -117,7 +124,7 @@ def write_plot(rows: list[dict], path: str, force: bool) -> None:
                                            ("sim_tokens_per_s", "simulated tokens/s"))):
             ax = axes[i][j]
             for pol in dict.fromkeys(r["policy"] for r in sub):
-                pts = sorted((r["capacity"], r[key]) for r in sub if r["policy"] == pol)
+                pts = sorted((r["capacity"], r[key]) for r in sub if r["policy"] == pol and r[key] is not None)
                 oracle = pol == "belady"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                         linestyle="--" if oracle else "-", color="black" if oracle else None,

@@ -254,6 +254,10 @@ def read_partial(path: str, load_hidden: bool = True) -> Trace:
             info = json.load(f)
         header, meta = info["header"], info.get("meta", {})
     except (OSError, KeyError, json.JSONDecodeError):
+        files = sorted(f for f in os.listdir(tmpdir) if f.endswith(".parquet"))
+        if files and not os.path.exists(os.path.join(tmpdir, S.TMP_META)):
+            raise UserError(f"{path}: a directory of {len(files)} Parquet file(s), not a trace; pass the files "
+                            f"themselves (e.g. {os.path.join(path, '*.parquet')})") from None
         raise UserError(f"{path}: not a tracekit partial recording (meta.json missing or unreadable)") from None
     _check_header(path, header)
     router = None
