@@ -69,6 +69,24 @@ def test_table_gives_a_policy_that_cannot_run_one_row_and_its_reason_once():
     assert max(map(len, lines)) < 160          # the reason no longer stretches a column
 
 
+@needs_shared
+def test_table_names_the_policy_with_the_most_tokens_per_s_and_the_bound():
+    r = run_cli("replay", TWO, "--policy", "lru,fifo,belady", "--capacity", "2,4", "--format", "json", "-j", "1")
+    rows = json_rows(r.stdout)
+    want = []
+    for C in (2, 4):
+        online = [x for x in rows if x["capacity"] == C and x["policy"] != "belady"]
+        top = max(online, key=lambda x: x["sim_tokens_per_s"])
+        bound = next(x for x in rows if x["capacity"] == C and x["policy"] == "belady")
+        assert bound["sim_tokens_per_s"] >= top["sim_tokens_per_s"]
+        want.append(f"C={C} {top['policy']} {top['sim_tokens_per_s']:.2f} (belady bound {bound['sim_tokens_per_s']:.2f})")
+    r = run_cli("replay", TWO, "--policy", "lru,fifo,belady", "--capacity", "2,4", "-j", "1")
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("most simulated tokens/s"))
+    assert "; ".join(want) in line
+    r = run_cli("replay", TWO, "--policy", "fifo", "--capacity", "2", "-j", "1")      # no belady asked for
+    assert "C=2 fifo " in r.stdout and "bound" not in r.stdout
+
+
 def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
     foreign = tmp_path / "foreign.parquet"
     pq.write_table(pa.table({"a": [1, 2]}), foreign)

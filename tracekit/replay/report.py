@@ -54,9 +54,31 @@ def render_table(rows: list[dict], profile_name: str, console=None) -> None:
                       _cpu_cell(r))
         for name, rs in na.items():
             t.add_row(f"[dim]{name}[/dim]", ",".join(str(r["capacity"]) for r in rs), "[dim]n/a[/dim]", *[""] * 9)
-        t.caption = "\n".join(f"{name}: not applicable: " + "; ".join(dict.fromkeys(r["reason"] for r in rs))
-                               for name, rs in na.items()) or None
+        notes = [f"{name}: not applicable: " + "; ".join(dict.fromkeys(r["reason"] for r in rs))
+                 for name, rs in na.items()]
+        best = best_online(r for r in rows if r["trace"] == trace)
+        if best:
+            notes.insert(0, "most simulated tokens/s without an oracle: " + "; ".join(
+                f"C={C} {r['policy']} {r['sim_tokens_per_s']:.2f}"
+                + (f" (belady bound {b['sim_tokens_per_s']:.2f})" if b else "") for C, (r, b) in best.items()))
+        t.caption = "\n".join(notes) or None
         console.print(t)
+
+
+def best_online(rows) -> dict:
+    """C -> (the non-oracle row with the most simulated tokens/s, belady's row at that C or None).
+    Ties go to the earlier row (registry order); rows without a decode figure are left out."""
+    best: dict = {}
+    bound: dict = {}
+    for r in rows:
+        if not r["applicable"] or r["sim_tokens_per_s"] is None:
+            continue
+        if r["kind"] == "oracle":
+            if r["policy"] == "belady":
+                bound[r["capacity"]] = r
+        elif r["capacity"] not in best or r["sim_tokens_per_s"] > best[r["capacity"]]["sim_tokens_per_s"]:
+            best[r["capacity"]] = r
+    return {C: (r, bound.get(C)) for C, r in sorted(best.items())}
 
 
 def traces_without_decode(rows: list[dict]) -> list[str]:
