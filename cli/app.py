@@ -29,7 +29,12 @@ def main(argv: list[str] | None = None) -> None:
 
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        # typer (standalone_mode=False) turns Ctrl-C into Exit(130) and *returns* an Exit's code
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            if rc == 130:
+                print("error: interrupted", file=sys.stderr)
+            sys.exit(rc)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -101,10 +101,9 @@ def _interruptible(fn):
     try:
         return fn()
     except KeyboardInterrupt:
-        import sys
-
-        print("interrupted: pinned memory freed", file=sys.stderr)
-        raise
+        err = UserError("interrupted; pinned memory freed")
+        err.exit_code = 130
+        raise err from None
 
 
 def _log(msg: str) -> None:

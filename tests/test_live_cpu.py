@@ -182,3 +182,15 @@ def test_cli_dry_run_json(capsys):
     main(["live", "--policy", "lru", "--trace", MIX[0], "--capacity", "2", "--dry-run", "--max-tokens", "20"])
     cap = capsys.readouterr()
     assert "nan" not in cap.out.lower() and "│ lru" in cap.out and "- (dry run)" in cap.err
+
+
+def test_cli_ctrl_c_in_live_exits_130_with_one_line(capsys, monkeypatch):
+    from tracekit.live import session
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session, "trace_sweep", interrupted)
+    code, cap = _cli(["live", "--trace", "x.parquet", "--dry-run"], capsys)
+    assert code == 130
+    assert [x for x in cap.err.splitlines() if x.strip()] == ["error: interrupted; pinned memory freed"]

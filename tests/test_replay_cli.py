@@ -272,3 +272,19 @@ def test_a_trace_without_decode_steps_has_undefined_not_zero_decode_metrics(tmp_
     assert r.returncode == 0 and "│ lru" in r.stdout and png.exists(), r.stderr
     r = run_cli("replay", flame, "-p", "lru", "-c", "8", "--steps", "tokens", "--format", "json", "-j", "1")
     assert json.loads(r.stdout)["sim_tokens_per_s"] > 0 and "no decode steps" not in r.stderr
+
+
+def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
+    # typer hands Ctrl-C back as a return code (130) in non-standalone mode; it used to end in exit 0
+    from tracekit.cli.app import main
+    from tracekit.replay import sweep
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", "synthetic:tokens=20,layers=2", "--policy", "lru", "--capacity", "1"])
+    assert exc.value.code == 130
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert err == ["error: interrupted"]
