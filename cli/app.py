@@ -19,6 +19,18 @@ def version() -> None:
     print(__version__)
 
 
+def _version_flag(value: bool) -> None:
+    if value:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(show_version: bool = typer.Option(False, "--version", callback=_version_flag, is_eager=True,
+                                            help="Print the tracekit version and exit.")) -> None:
+    pass
+
+
 def _register() -> None:
     # Each module adds its command to `app`; none of them imports torch at module level.
     from tracekit.cli import inspect_cmd, live, record, replay  # noqa: F401
@@ -44,14 +56,30 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+        usage, abort = _click_errors()
+        if isinstance(exc, usage):
+            exc.show()                        # "Usage: ..." and one "Error: ..." line
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, abort):
             sys.exit(130)
         raise
+
+
+def _click_errors() -> tuple[tuple, tuple]:
+    # (ClickException classes, Abort classes). typer >= 0.20 raises its own (typer._click.exceptions,
+    # typer.exceptions), which are not click's; older typers raise click's.
+    import importlib
+
+    usage, abort = [], []
+    for mod, u, a in (("typer._click.exceptions", "ClickException", None), ("typer.exceptions", None, "Abort"),
+                      ("click.exceptions", "ClickException", "Abort")):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        usage += [getattr(m, u)] if u and hasattr(m, u) else []
+        abort += [getattr(m, a)] if a and hasattr(m, a) else []
+    return tuple(usage), tuple(abort)
 
 
 if __name__ == "__main__":

@@ -288,3 +288,15 @@ def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
     assert exc.value.code == 130
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert err == ["error: interrupted"]
+
+
+def test_usage_errors_print_usage_not_a_traceback():
+    # typer >= 0.20 raises its own vendored click's exceptions: these once ended in a Python traceback
+    for args in [(), ("replay",), ("replay", "x.parquet", "--bogus"), ("replay", "x.parquet", "--cap", "abc"),
+                 ("record", "--hidden")]:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.returncode)
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+        assert "Error: " in r.stderr or (not args and "Usage: " in r.stdout + r.stderr), (args, r.stderr)
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == run_cli("version").stdout.strip() != ""
