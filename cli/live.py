@@ -45,6 +45,10 @@ def live(
         raise UserError(f"--cpu-kernel {cpu_kernel!r}: expected one of {', '.join(KERNELS)}")
     if fmt not in ("table", "json"):
         raise UserError(f"--format {fmt!r}: expected table or json")
+    for flag, v in (("--capacity", capacity), ("--cap", cap), ("--max-tokens", max_tokens), ("--layers", layers),
+                    ("--cpu-threads", cpu_threads)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
     if chunk_mb != 0 and chunk_mb < 4:
         raise UserError(f"--chunk-mb {chunk_mb:g}: chunks under 4 MB lose bandwidth; use 0 (off) or >= 4")
     from tracekit import policies as P
@@ -62,6 +66,10 @@ def live(
         need_cuda()
     from tracekit.live import session
 
+    if model and not trace:
+        E = _config(model).num_local_experts
+        if capacity > E:
+            raise UserError(f"--capacity {capacity} > {E} experts per layer")
     if trace:
         shapes = session.MIXTRAL
         if model:

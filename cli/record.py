@@ -41,6 +41,8 @@ def record(
     from tracekit.errors import UserError
     from tracekit.record.recorder import record as do_record
 
+    if num_layers is not None and num_layers < 1:
+        raise UserError(f"--num-layers must be >= 1, got {num_layers}")
     out = out or default_out(model)
     tmp = out + ".tmp"
     try:

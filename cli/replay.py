@@ -59,6 +59,10 @@ def replay(
         raise UserError(f"--steps must be passes or tokens, not {steps!r}")
     if cap < 1:
         raise UserError("--cap must be >= 1")
+    if depth < 0 or jobs < 0:
+        raise UserError(f"--depth and --jobs must be >= 0 (0: the default), got {depth} and {jobs}")
+    if expert_mb is not None and not expert_mb > 0:
+        raise UserError(f"--expert-mb must be > 0, got {expert_mb:g}")
     if split and not hybrid:
         raise UserError("--split is a kind of --hybrid: pass both")
     for path in (out, plot):

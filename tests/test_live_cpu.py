@@ -164,6 +164,16 @@ def test_cli_refusals(capsys, tmp_path):
     if os.path.exists(flame):
         code, cap = _cli(["live", "--trace", flame, "--dry-run"], capsys)
         assert code == 2 and "64 experts per layer" in cap.err
+    # bad numbers: one line each (--capacity 0 once ended in a ValueError traceback, and 0 caps, tokens,
+    # layers or threads, or more slots than experts, ran)
+    bad = [(["--capacity", "9"], "9 > 8 experts")] if os.path.exists(MIX[0]) else []
+    for args, needle in bad + [(["--capacity", "0"], "--capacity must be >= 1"), (["--cap", "0"], "--cap must be >= 1"),
+                         (["--max-tokens", "0"], "--max-tokens must be >= 1"), (["--layers", "0"], "--layers must"),
+                         (["--cpu-threads", "0"], "--cpu-threads must")]:
+        code, cap = _cli(["live", "--trace", MIX[0], "--dry-run", *args], capsys)
+        assert code == 2 and needle in cap.err and cap.err.strip().count("\n") == 0, (args, cap.err)
+    code, cap = _cli(["live", "--model", "tiny-mixtral", "--device", "cpu", "--capacity", "9"], capsys)
+    assert code == 2 and "9 > 8 experts" in cap.err
 
 
 def test_cli_dry_run_json(capsys):

@@ -280,7 +280,8 @@ def test_cli_record_errors_are_one_line(tmp_path, monkeypatch, capsys):
     for args, needle in [(["--out", str(existing)], "already exists"),
                          (["--model", "mixtral", "--out", str(tmp_path / "m.parquet")], "--random-weights"),
                          (["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "n.parquet")], "nope"),
-                         (["--hidden", "proj:0", "--out", str(tmp_path / "h.parquet")], "proj:N")]:
+                         (["--hidden", "proj:0", "--out", str(tmp_path / "h.parquet")], "proj:N"),
+                         (["--num-layers", "0", "--out", str(tmp_path / "l.parquet")], "--num-layers must be >= 1")]:
         with pytest.raises(SystemExit) as ei:
             main(["record", *args])
         err = capsys.readouterr().err
@@ -288,6 +289,7 @@ def test_cli_record_errors_are_one_line(tmp_path, monkeypatch, capsys):
         assert err.strip().count("\n") == 0 and "Traceback" not in err
     assert existing.read_bytes() == b"keep me"
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    assert not (tmp_path / "l.parquet").exists()               # --num-layers 0 once recorded 4 layers
 
 
 def test_prompt_files(tmp_path):

@@ -102,6 +102,9 @@ def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
         ("replay", "synthetic:tokens=50,layers=2", "--capacity", "0"),
         ("replay", "synthetic:tokens=50,layers=2", "--profile", "no-such-gpu"),
         ("replay", "synthetic:tokens=50,layers=2", "--out", existing),
+        ("replay", "synthetic:tokens=50,layers=2", "--expert-mb", "-5"),
+        ("replay", "synthetic:tokens=50,layers=2", "--jobs", "-3"),
+        ("replay", "synthetic:tokens=50,layers=2", "--depth", "-1"),
         ("replay", tmp_path),                 # a folder of Parquet files, not a partial recording
     ]
     for args in cases:

@@ -61,6 +61,8 @@ def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap
     from tracekit import policies as P
 
     tr, plan, shapes = prepare(trace_path, layers, max_tokens, shapes, dry, log)
+    if max(capacities) > tr.num_experts:
+        raise UserError(f"--capacity {max(capacities)} > {tr.num_experts} experts per layer")
     prof, raw = load_with_extras(profile)
     own = store is None and not dry
     if own:
