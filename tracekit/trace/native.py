@@ -255,7 +255,7 @@ def read_partial(path: str, load_hidden: bool = True) -> Trace:
         header, meta = info["header"], info.get("meta", {})
     except (OSError, KeyError, json.JSONDecodeError):
         files = sorted(f for f in os.listdir(tmpdir) if f.endswith(".parquet"))
-        if files and not os.path.exists(os.path.join(tmpdir, S.TMP_META)):
+        if files and not _parts(tmpdir):      # Parquet files, but none a recording's part
             raise UserError(f"{path}: a directory of {len(files)} Parquet file(s), not a trace; pass the files "
                             f"themselves (e.g. {os.path.join(path, '*.parquet')})") from None
         raise UserError(f"{path}: not a tracekit partial recording (meta.json missing or unreadable)") from None
