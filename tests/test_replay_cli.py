@@ -105,6 +105,9 @@ def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
         ("replay", "synthetic:tokens=50,layers=2", "--expert-mb", "-5"),
         ("replay", "synthetic:tokens=50,layers=2", "--jobs", "-3"),
         ("replay", "synthetic:tokens=50,layers=2", "--depth", "-1"),
+        ("replay", "synthetic:tokens=0"),                      # ran, with empty rows
+        ("replay", "synthetic:tokens=50,experts=2,top_k=4"),   # drawing 4 distinct of 2 experts never ended
+        ("replay", "synthetic:tokens=50,stickiness=2"),
         ("replay", tmp_path),                 # a folder of Parquet files, not a partial recording
     ]
     for args in cases:

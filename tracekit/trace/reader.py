@@ -75,4 +75,15 @@ def _synthetic(spec: str) -> Trace:
             kw[key] = float(val) if key == "stickiness" else int(val)
         except ValueError:
             raise UserError(f"{spec}: {key} wants a number, got {val!r}") from None
+    import inspect
+
+    v = {k: p.default for k, p in inspect.signature(synthetic_trace).parameters.items()} | kw
+    for key, ok, want in (("tokens", v["tokens"] >= 1, ">= 1"), ("layers", v["layers"] >= 1, ">= 1"),
+                          ("experts", 1 <= v["experts"] <= 32767, "in 1..32767"),
+                          ("top_k", 1 <= v["top_k"] <= v["experts"], f"in 1..experts ({v['experts']})"),
+                          ("prefill", 0 <= v["prefill"] <= v["tokens"], f"in 0..tokens ({v['tokens']})"),
+                          ("hidden_dim", v["hidden_dim"] >= 0, ">= 0"), ("seed", v["seed"] >= 0, ">= 0"),
+                          ("stickiness", 0 <= v["stickiness"] <= 1, "in 0..1")):
+        if not ok:
+            raise UserError(f"{spec}: {key} must be {want}, got {v[key]}")
     return synthetic_trace(**kw)
