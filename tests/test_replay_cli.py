@@ -17,7 +17,8 @@ needs_shared = pytest.mark.skipif(not TWO.exists(), reason="../shared/traces not
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tracekit.cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "tracekit.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)                # a hang fails the test instead of stalling the suite
 
 
 def json_rows(out: str) -> list[dict]:
