@@ -281,7 +281,8 @@ def test_cli_record_errors_are_one_line(tmp_path, monkeypatch, capsys):
                          (["--model", "mixtral", "--out", str(tmp_path / "m.parquet")], "--random-weights"),
                          (["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "n.parquet")], "nope"),
                          (["--hidden", "proj:0", "--out", str(tmp_path / "h.parquet")], "proj:N"),
-                         (["--num-layers", "0", "--out", str(tmp_path / "l.parquet")], "--num-layers must be >= 1")]:
+                         (["--num-layers", "0", "--out", str(tmp_path / "l.parquet")], "--num-layers must be >= 1"),
+                         (["--hidden", "proj:64", "--out", str(tmp_path / "p.parquet")], "use --hidden full")]:
         with pytest.raises(SystemExit) as ei:
             main(["record", *args])
         err = capsys.readouterr().err
@@ -290,6 +291,7 @@ def test_cli_record_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert existing.read_bytes() == b"keep me"
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert not (tmp_path / "l.parquet").exists()               # --num-layers 0 once recorded 4 layers
+    assert not (tmp_path / "p.parquet").exists()               # proj:64 of tiny's 64 dims once recorded
 
 
 def test_prompt_files(tmp_path):

@@ -46,6 +46,11 @@ class RoutingHooks:
         self.E, self.K, self.H = adapter.num_experts(cfg), adapter.top_k(cfg), int(cfg.hidden_size)
         self.renorm = adapter.renormalize(cfg)
         self.hidden_kind, proj_dim = parse_hidden(hidden)
+        if proj_dim and proj_dim >= self.H:
+            from tracekit.errors import UserError
+
+            raise UserError(f"--hidden proj:{proj_dim} is not smaller than the model's hidden size {self.H}; "
+                            "use --hidden full")
         self.D = self.H if self.hidden_kind == "full" else proj_dim
         self.proj_seed = proj_seed if proj_dim else None
         self.proj = None
