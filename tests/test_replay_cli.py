@@ -95,7 +95,12 @@ def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
     corrupt.write_bytes(b"PAR1 this is not parquet")
     existing = tmp_path / "keep.parquet"
     existing.write_bytes(b"precious")
-    cases = [
+    profiles = {"list": "[1, 2]", "missing": '{"h2d_GBps": 54}',     # a list ended in an AttributeError
+                "negative": '{"h2d_GBps": -5, "copy_overhead_us": 7, "expert_MB": 352, "attn_ms": 0.1}',
+                "ffn": '{"h2d_GBps": 54, "copy_overhead_us": 7, "expert_MB": 352, "attn_ms": 0.1, "ffn_ms": {"x": 1}}'}
+    for name, text in profiles.items():
+        (tmp_path / f"{name}.json").write_text(text)
+    cases = [("replay", "synthetic:tokens=50,layers=2", "--profile", tmp_path / f"{n}.json") for n in profiles] + [
         ("replay", tmp_path / "missing.parquet"),
         ("replay", foreign),
         ("replay", corrupt),
@@ -307,3 +312,13 @@ def test_usage_errors_print_usage_not_a_traceback():
         assert "Error: " in r.stderr or (not args and "Usage: " in r.stdout + r.stderr), (args, r.stderr)
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == run_cli("version").stdout.strip() != ""
+
+
+def test_a_minimal_profile_file_loads_and_prices_copies(tmp_path):
+    from tracekit.replay.cost import load_profile
+
+    f = tmp_path / "my-gpu.json"
+    f.write_text('{"h2d_GBps": 25, "copy_overhead_us": 0, "expert_MB": 100, "attn_ms": 0}')
+    p = load_profile(str(f))
+    assert p.name == "my-gpu" and p.ffn_ms == {"1": 0.14}          # the name is the file's, FFN the default
+    assert p.copy_seconds() == pytest.approx(100e6 / 25e9)

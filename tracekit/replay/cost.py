@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from importlib import resources
 
 import numpy as np
@@ -110,10 +110,39 @@ def load_profile(name_or_path: str) -> Profile:
         text = f.read_text()
     try:
         d = json.loads(text)
-        known = set(Profile.__dataclass_fields__)
-        return Profile(**{k: v for k, v in d.items() if k in known})
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
         raise UserError(f"{name_or_path}: not a valid hardware profile ({exc})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{name_or_path}: not a valid hardware profile (a JSON object expected)")
+    d.setdefault("name", os.path.splitext(os.path.basename(name_or_path))[0])
+    fields = Profile.__dataclass_fields__
+    missing = [k for k, f in fields.items() if k not in d and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise UserError(f"{name_or_path}: not a valid hardware profile (missing {', '.join(missing)})")
+    p = Profile(**{k: v for k, v in d.items() if k in fields})
+    _check_profile(name_or_path, p)
+    return p
+
+
+def _check_profile(where: str, p: Profile) -> None:
+    # every figure a number in range, and the FFN tables {tokens: ms} with positive entries
+    def bad(why: str):
+        return UserError(f"{where}: not a valid hardware profile ({why})")
+
+    for key, lo, strict in (("h2d_GBps", 0, True), ("expert_MB", 0, True), ("copy_overhead_us", 0, False),
+                            ("attn_ms", 0, False), ("attn_ms_per_token", 0, False), ("chunks", 1, False),
+                            ("act_copy_us", 0, False), ("contention_copy", 0, True), ("contention_cpu", 0, True)):
+        v = getattr(p, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < lo or (strict and v == lo):
+            raise bad(f"{key} must be a number {'>' if strict else '>='} {lo}, got {v!r}")
+    for key in ("ffn_ms", "cpu_ffn_ms"):
+        table = getattr(p, key)
+        try:
+            ok = isinstance(table, dict) and all(float(k) >= 1 and float(v) > 0 for k, v in table.items())
+        except (TypeError, ValueError):
+            ok = False
+        if not ok or (key == "ffn_ms" and not table):
+            raise bad(f"{key} must map token counts (>= 1) to milliseconds (> 0), got {table!r}")
 
 
 @njit(cache=True, inline="always")
