@@ -193,3 +193,26 @@ def test_writer_and_record_path_do_not_import_polars_or_torch_eagerly():
             "bad = [m for m in ('polars', 'torch', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+LONG = dict(seq_id=[0, 0, 0, 0], token_idx=[0, 0, 1, 1], layer=[0, 0, 0, 0], expert=[1, 2, 3, 4], rank=[0, 1, 0, 1],
+            weight=[.5, .5, .5, .5], phase=[1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(expert=[-1, 2, 3, 4]), "negative layer, expert or rank"),
+    (dict(phase=[7, 7, 7, 7]), "phase must be 0 (prefill) or 1 (decode)"),       # was read as prefill
+    (dict(expert=["a", "b", "c", "d"]), "column expert holds string"),         # was a ValueError traceback
+    (dict(expert=[1.0, 2.0, 3.0, 4.0]), "column expert holds double"),
+    (dict(token_idx=[0, None, 1, 1]), "column token_idx has missing"),
+    (dict(expert=[1, 2, 3, 100000]), "at most 32767"),                       # int16 ids wrapped: a row was lost
+    ({k: pa.array([], pa.int64()) for k in LONG}, "no rows"),
+])
+def test_long_format_values_are_checked(tmp_path, change, needle):
+    f = tmp_path / "t.parquet"
+    pq.write_table(pa.table({**LONG, **change}), f)
+    with pytest.raises(UserError, match="t.parquet: .*" + needle.replace("(", r"\(").replace(")", r"\)")):
+        read_trace(f)
+    pq.write_table(pa.table(LONG), f)
+    t = read_trace(f)
+    assert t.num_experts == 5 and t.experts.shape == (2, 1, 2) and (t.phase == 1).all()

@@ -29,10 +29,17 @@ def _meta_int(meta: dict, key: str, fallback: int) -> int:
 
 def trace_from_long(table: pa.Table, path: str) -> Trace:
     meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (table.schema.metadata or {}).items()}
-    cols = {c: table.column(c).to_numpy() for c in LONG_COLUMNS}
-    n = len(cols["seq_id"])
-    if n == 0:
+    if table.num_rows == 0:
         raise UserError(f"{path}: the trace has no rows")
+    for c in LONG_COLUMNS:
+        t = table.schema.field(c).type
+        if not (pa.types.is_integer(t) or (c == "weight" and pa.types.is_floating(t))):
+            raise UserError(f"{path}: column {c} holds {t}, not {'numbers' if c == 'weight' else 'integers'}")
+        if table.column(c).null_count:
+            raise UserError(f"{path}: column {c} has missing (null) values")
+    cols = {c: table.column(c).to_numpy() for c in LONG_COLUMNS}
+    if not np.isin(cols["phase"], (0, 1)).all():
+        raise UserError(f"{path}: phase must be 0 (prefill) or 1 (decode), found {sorted(set(cols['phase'].tolist()) - {0, 1})[:5]}")
     layer = cols["layer"].astype(np.int64)
     expert = cols["expert"].astype(np.int64)
     rank = cols["rank"].astype(np.int64)
@@ -43,6 +50,8 @@ def trace_from_long(table: pa.Table, path: str) -> Trace:
     K = _meta_int(meta, "top_k", int(rank.max()) + 1)
     if layer.max() >= L or expert.max() >= E or rank.max() >= K:
         raise UserError(f"{path}: layer/expert/rank out of range for metadata L={L} E={E} top_k={K}")
+    if E > np.iinfo(np.int16).max:                          # expert ids are kept as int16
+        raise UserError(f"{path}: {E} experts per layer; tracekit supports at most {np.iinfo(np.int16).max}")
     # Token positions: unique (seq_id, phase, token_idx), sorted.
     seq = cols["seq_id"].astype(np.int64)
     ph = cols["phase"].astype(np.int64)
