@@ -132,6 +132,27 @@ def test_leftover_tmp_needs_force(tmp_path):
     assert read_trace(out).complete
 
 
+def test_output_paths_that_cannot_hold_a_recording(tmp_path, monkeypatch):
+    from tracekit.trace import native
+
+    (tmp_path / "f").write_text("x")
+    for out, needle in [(str(tmp_path / "new") + os.sep, "names a folder"), (tmp_path, "names a folder"),
+                        (tmp_path / "f" / "x.parquet", "output folder does not exist")]:
+        with pytest.raises(UserError, match=needle):
+            _writer(out)
+    assert not (tmp_path / "new").exists()       # a trailing "/" once recorded, then failed to rename
+    real = os.makedirs
+
+    def refused(path, *a, **k):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(native.os, "makedirs", refused)  # e.g. a read-only file system (root passes os.access)
+    with pytest.raises(UserError, match="cannot write the recording there"):
+        _writer(tmp_path / "z.parquet")
+    monkeypatch.setattr(native.os, "makedirs", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
 def _rewrite_meta(src, dst, **changes):
     table = pq.read_table(src)
     md = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}

@@ -62,7 +62,7 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
     from tracekit.record.hooks import RoutingHooks, parse_hidden
     from tracekit.record.models import load_model
     from tracekit.record.prompts import load_prompts
-    from tracekit.trace.native import TraceWriter
+    from tracekit.trace.native import TraceWriter, check_out_path
 
     if max_new_tokens < 1 or batch_size < 1:
         raise UserError("--max-new-tokens and --batch-size must be at least 1")
@@ -74,9 +74,7 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
     if hooks:
         if out is None:
             raise UserError("no output path given")
-        out = os.fspath(out)
-        if os.path.exists(out) and not force:  # fail before loading a model
-            raise UserError(f"{out}: already exists (pass --force to overwrite)")
+        out = check_out_path(out, force)       # fail before loading a model
     t_load = time.perf_counter()
     if loaded is None:
         loaded = load_model(model, device=device, dtype=dtype, random_weights=random_weights,

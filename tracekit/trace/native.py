@@ -23,6 +23,25 @@ from tracekit.trace import schema as S
 from tracekit.trace.core import SCHEMA_VERSION, Trace
 
 
+def check_out_path(out: str | os.PathLike, force: bool) -> str:
+    """The output file a recording may be written to (checked before any model loads), as str.
+    Refuses a folder, a missing or unwritable parent folder, an existing file without force, and a
+    partial recording (OUT.tmp) in the way without force."""
+    out = os.fspath(out)
+    if os.path.isdir(out) or not os.path.basename(out):
+        raise UserError(f"{out}: names a folder; choose a file name for --out")
+    if os.path.exists(out) and not force:
+        raise UserError(f"{out}: already exists (pass --force to overwrite)")
+    if os.path.exists(out + ".tmp") and not force:
+        raise UserError(f"{out}.tmp: a partial recording is in the way (pass --force to replace it)")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise UserError(f"{parent}: output folder does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{parent}: output folder is not writable")
+    return out
+
+
 class TraceWriter:
     """Append per-step token rows; flush to a part file every `flush_rows` rows.
 
@@ -35,19 +54,10 @@ class TraceWriter:
                  hidden_dim: int | None = None, hidden_proj_seed: int | None = None,
                  with_logits: bool = True, force: bool = False, flush_rows: int = 4096,
                  flush_bytes: int = 64 << 20, background: bool = False):
-        self.out = os.fspath(out)
+        self.out = check_out_path(out, force)
         self.tmp = self.out + ".tmp"
-        if os.path.isdir(self.out):
-            raise UserError(f"{self.out}: is a directory; choose a file name for --out")
-        if os.path.exists(self.out) and not force:
-            raise UserError(f"{self.out}: already exists (pass --force to overwrite)")
         if os.path.exists(self.tmp):
-            if not force:
-                raise UserError(f"{self.tmp}: a partial recording is in the way (pass --force to replace it)")
             shutil.rmtree(self.tmp) if os.path.isdir(self.tmp) else os.remove(self.tmp)
-        parent = os.path.dirname(os.path.abspath(self.out))
-        if not os.path.isdir(parent):
-            raise UserError(f"{parent}: output folder does not exist")
         self.header = S.header_dict(num_layers, num_experts, top_k, hidden_kind,
                                     hidden_dim if hidden_kind != "none" else None, hidden_proj_seed, with_logits)
         self.meta = dict(meta)
@@ -66,11 +76,15 @@ class TraceWriter:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracekit-writer")
-        os.makedirs(self.tmp)
-        if self.router is not None:
-            np.save(os.path.join(self.tmp, S.TMP_ROUTER), self.router, allow_pickle=False)
-        _atomic_write_text(os.path.join(self.tmp, S.TMP_META),
-                           json.dumps({"header": self.header, "meta": self.meta}, default=str, indent=1))
+        try:
+            os.makedirs(self.tmp)
+            if self.router is not None:
+                np.save(os.path.join(self.tmp, S.TMP_ROUTER), self.router, allow_pickle=False)
+            _atomic_write_text(os.path.join(self.tmp, S.TMP_META),
+                               json.dumps({"header": self.header, "meta": self.meta}, default=str, indent=1))
+        except OSError as exc:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise UserError(f"{self.tmp}: cannot write the recording there ({exc.strerror or exc})") from None
 
     def append(self, arrays: dict[str, np.ndarray]) -> None:
         n = int(np.asarray(arrays["seq_id"]).shape[0])
