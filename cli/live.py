@@ -126,8 +126,9 @@ def _calibrate(out: Optional[str], force: bool = False, cpu_threads: Optional[in
         raise UserError("--calibrate needs --out profile.json")
     import os
 
-    if os.path.exists(out) and not force:
-        raise UserError(f"{out} exists; pass --force to overwrite it")
+    from tracekit.replay.report import check_new_file
+
+    check_new_file(out, force)                # before any measuring
     from tracekit.live.calibrate import calibrate, write
     from tracekit.live.session import need_cuda
 

@@ -67,7 +67,7 @@ def replay(
         raise UserError("--split is a kind of --hybrid: pass both")
     for path in (out, plot):
         if path:
-            report._check_new(path, force)
+            report.check_new_file(path, force)
     cfg = SweepConfig(policies=policies.parse(policy), capacities=_ints(capacity, "capacity"),
                       profile=load_profile(profile), cap=cap, depth=depth, token_steps=steps == "tokens",
                       expert_bytes=expert_mb * 1e6 if expert_mb else None, jobs=jobs, hybrid=hybrid,

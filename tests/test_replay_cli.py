@@ -108,6 +108,8 @@ def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
         ("replay", "synthetic:tokens=50,layers=2", "--capacity", "0"),
         ("replay", "synthetic:tokens=50,layers=2", "--profile", "no-such-gpu"),
         ("replay", "synthetic:tokens=50,layers=2", "--out", existing),
+        ("replay", "synthetic:tokens=50,layers=2", "--out", tmp_path, "--force"),     # a folder
+        ("replay", "synthetic:tokens=50,layers=2", "--plot", str(tmp_path / "new") + "/"),
         ("replay", "synthetic:tokens=50,layers=2", "--expert-mb", "-5"),
         ("replay", "synthetic:tokens=50,layers=2", "--jobs", "-3"),
         ("replay", "synthetic:tokens=50,layers=2", "--depth", "-1"),
@@ -322,3 +324,24 @@ def test_a_minimal_profile_file_loads_and_prices_copies(tmp_path):
     p = load_profile(str(f))
     assert p.name == "my-gpu" and p.ffn_ms == {"1": 0.14}          # the name is the file's, FFN the default
     assert p.copy_seconds() == pytest.approx(100e6 / 25e9)
+
+
+def test_output_files_that_cannot_be_written_are_one_error_and_leave_nothing(tmp_path, monkeypatch):
+    import os
+
+    from tracekit.errors import UserError
+    from tracekit.live.calibrate import write
+    from tracekit.replay import report
+
+    real = os.replace
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report.os, "replace", full_disk)
+    out = tmp_path / "p.json"
+    out.write_text("old")
+    with pytest.raises(UserError, match="p.json: cannot write it .No space left on device"):
+        write({"h2d_GBps": 1}, str(out))
+    monkeypatch.setattr(report.os, "replace", real)
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]

@@ -15,7 +15,6 @@ The JSON has the fields of tracekit/replay/profiles/h100-pcie5.json (extra keys 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 
@@ -160,8 +159,11 @@ def calibrate(shapes: Shapes = MIXTRAL, batch: tuple = (1, 2, 4, 8, 16, 32, 64, 
 
 
 def write(profile: dict, path: str) -> None:
-    tmp = path + ".partial"              # never leave a half-written profile behind
-    with open(tmp, "w") as f:
-        json.dump(profile, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    from tracekit.replay.report import write_atomically
+
+    def dump(tmp: str) -> None:           # never leave a half-written profile behind
+        with open(tmp, "w") as f:
+            json.dump(profile, f, indent=2)
+            f.write("\n")
+
+    write_atomically(path, path + ".partial", dump)

@@ -112,7 +112,9 @@ def print_csv(rows: list[dict], out=sys.stdout) -> None:
         w.writerow({k: r.get(k) for k in COLUMNS})
 
 
-def _check_new(path: str, force: bool) -> None:
+def check_new_file(path: str, force: bool) -> None:
+    if os.path.isdir(path) or not os.path.basename(path):
+        raise UserError(f"{path}: names a folder; choose a file name")
     if os.path.exists(path) and not force:
         raise UserError(f"{path} exists; pass --force to overwrite it")
     parent = os.path.dirname(os.path.abspath(path))
@@ -120,14 +122,24 @@ def _check_new(path: str, force: bool) -> None:
         raise UserError(f"{parent}: no such directory")
 
 
+def write_atomically(path: str, tmp: str, write) -> None:
+    # write(tmp), then rename onto path; a failure (unwritable place, full disk) is one error line and
+    # leaves neither a half-written file nor the old one damaged
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"{path}: cannot write it ({getattr(exc, 'strerror', None) or exc})") from None
+
+
 def write_parquet(rows: list[dict], path: str, force: bool) -> None:
     import polars as pl
 
-    _check_new(path, force)
+    check_new_file(path, force)
     df = pl.DataFrame([{k: r.get(k) for k in COLUMNS} for r in rows], infer_schema_length=None)
-    tmp = path + ".partial"
-    df.write_parquet(tmp)
-    os.replace(tmp, path)
+    write_atomically(path, path + ".partial", df.write_parquet)
 
 
 def write_plot(rows: list[dict], path: str, force: bool) -> None:
@@ -138,7 +150,7 @@ def write_plot(rows: list[dict], path: str, force: bool) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'tracekit[plot]'") from None
-    _check_new(path, force)
+    check_new_file(path, force)
     traces = list(dict.fromkeys(r["trace"] for r in rows))
     fig, axes = plt.subplots(len(traces), 2, figsize=(12, 4 * len(traces)), squeeze=False)
     for i, trace in enumerate(traces):
@@ -158,6 +170,4 @@ def write_plot(rows: list[dict], path: str, force: bool) -> None:
             ax.grid(alpha=0.3)
         axes[i][0].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".partial.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    write_atomically(path, path + ".partial.png", lambda tmp: fig.savefig(tmp, dpi=110))
