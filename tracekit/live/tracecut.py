@@ -17,10 +17,12 @@ _PER_TOKEN = ("seq_id", "step", "phase", "position", "token_id", "experts", "wei
 
 def check_shape(trace: Trace, L: int, E: int, what: str) -> None:
     """Refuse a trace whose experts do not match the model, or that has fewer layers than asked."""
+    model = trace.meta.get("model", "") if trace.format == "tracekit" else ""    # recorded with --model MODEL
+    hint = f"; pass --model {model} for its shapes" if model and model not in what else ""
     if trace.num_experts != E:
-        raise UserError(f"{trace.path}: trace has {trace.num_experts} experts per layer but {what} has {E}")
+        raise UserError(f"{trace.path}: trace has {trace.num_experts} experts per layer but {what} has {E}{hint}")
     if trace.num_layers != L:
-        raise UserError(f"{trace.path}: trace has {trace.num_layers} layers but {what} has {L}")
+        raise UserError(f"{trace.path}: trace has {trace.num_layers} layers but {what} has {L}{hint}")
 
 
 def cut(trace: Trace, layers: int | None = None, max_decode_tokens: int | None = None) -> Trace:
