@@ -133,8 +133,8 @@ def test_trace_shape_mismatch_refused():
     tr = synthetic(L=4, E=8)
     with pytest.raises(UserError, match="8 experts per layer but the model") as ei:
         check_shape(tr, 4, 16, "the model")
-    assert "--model" not in str(ei.value)           # a synthetic trace names no model to pass
-    tr.format, tr.meta = "tracekit", {**tr.meta, "model": "tiny-mixtral"}   # recorded with --model tiny-mixtral
+    assert "--model" not in str(ei.value)           # this trace names no model to pass
+    tr.meta = {**tr.meta, "model": "tiny-mixtral"}   # as recorded with --model tiny-mixtral
     with pytest.raises(UserError, match="4 layers but the model .* has 32; pass --model tiny-mixtral"):
         check_shape(tr, 32, 8, "the model (32 layers x 8 experts)")
     with pytest.raises(UserError, match="4 layers"):
