@@ -126,7 +126,7 @@ def _calibrate(out: Optional[str], force: bool = False, cpu_threads: Optional[in
         raise UserError("--calibrate needs --out profile.json")
     import os
 
-    from tracekit.replay.report import check_new_file
+    from tracekit.outfiles import check_new_file
 
     check_new_file(out, force)                # before any measuring
     from tracekit.live.calibrate import calibrate, write

@@ -49,6 +49,7 @@ def replay(
 
     from tracekit import policies
     from tracekit.errors import UserError
+    from tracekit.outfiles import check_new_file
     from tracekit.replay import report
     from tracekit.replay.cost import load_profile
     from tracekit.replay.sweep import SweepConfig, load_plans, run_sweep
@@ -67,7 +68,7 @@ def replay(
         raise UserError("--split is a kind of --hybrid: pass both")
     for path in (out, plot):
         if path:
-            report.check_new_file(path, force)
+            check_new_file(path, force)
     cfg = SweepConfig(policies=policies.parse(policy), capacities=_ints(capacity, "capacity"),
                       profile=load_profile(profile), cap=cap, depth=depth, token_steps=steps == "tokens",
                       expert_bytes=expert_mb * 1e6 if expert_mb else None, jobs=jobs, hybrid=hybrid,

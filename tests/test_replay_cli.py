@@ -329,19 +329,19 @@ def test_a_minimal_profile_file_loads_and_prices_copies(tmp_path):
 def test_output_files_that_cannot_be_written_are_one_error_and_leave_nothing(tmp_path, monkeypatch):
     import os
 
+    from tracekit import outfiles
     from tracekit.errors import UserError
     from tracekit.live.calibrate import write
-    from tracekit.replay import report
 
     real = os.replace
 
     def full_disk(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report.os, "replace", full_disk)
+    monkeypatch.setattr(outfiles.os, "replace", full_disk)
     out = tmp_path / "p.json"
     out.write_text("old")
     with pytest.raises(UserError, match="p.json: cannot write it .No space left on device"):
         write({"h2d_GBps": 1}, str(out))
-    monkeypatch.setattr(report.os, "replace", real)
+    monkeypatch.setattr(outfiles.os, "replace", real)
     assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]

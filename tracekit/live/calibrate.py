@@ -159,7 +159,7 @@ def calibrate(shapes: Shapes = MIXTRAL, batch: tuple = (1, 2, 4, 8, 16, 32, 64, 
 
 
 def write(profile: dict, path: str) -> None:
-    from tracekit.replay.report import write_atomically
+    from tracekit.outfiles import write_atomically
 
     def dump(tmp: str) -> None:           # never leave a half-written profile behind
         with open(tmp, "w") as f:

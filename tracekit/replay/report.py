@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from tracekit.errors import UserError
+from tracekit.outfiles import check_new_file, write_atomically
 from tracekit.replay.metrics import COLUMNS
 
 JSON_KEYS = ("trace", "policy", "capacity", "applicable", "reason", "requests", "hit_rate",
@@ -110,28 +110,6 @@ def print_csv(rows: list[dict], out=sys.stdout) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: r.get(k) for k in COLUMNS})
-
-
-def check_new_file(path: str, force: bool) -> None:
-    if os.path.isdir(path) or not os.path.basename(path):
-        raise UserError(f"{path}: names a folder; choose a file name")
-    if os.path.exists(path) and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserError(f"{parent}: no such directory")
-
-
-def write_atomically(path: str, tmp: str, write) -> None:
-    # write(tmp), then rename onto path; a failure (unwritable place, full disk) is one error line and
-    # leaves neither a half-written file nor the old one damaged
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"{path}: cannot write it ({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def write_parquet(rows: list[dict], path: str, force: bool) -> None:

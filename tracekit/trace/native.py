@@ -19,26 +19,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracekit.errors import UserError
+from tracekit.outfiles import check_new_file
 from tracekit.trace import schema as S
 from tracekit.trace.core import SCHEMA_VERSION, Trace
 
 
 def check_out_path(out: str | os.PathLike, force: bool) -> str:
-    """The output file a recording may be written to (checked before any model loads), as str.
-    Refuses a folder, a missing or unwritable parent folder, an existing file without force, and a
-    partial recording (OUT.tmp) in the way without force."""
-    out = os.fspath(out)
-    if os.path.isdir(out) or not os.path.basename(out):
-        raise UserError(f"{out}: names a folder; choose a file name for --out")
-    if os.path.exists(out) and not force:
-        raise UserError(f"{out}: already exists (pass --force to overwrite)")
+    """The output file a recording may be written to (checked before any model loads), as str:
+    check_new_file's rules, and no partial recording (OUT.tmp) in the way without force."""
+    out = check_new_file(out, force)
     if os.path.exists(out + ".tmp") and not force:
         raise UserError(f"{out}.tmp: a partial recording is in the way (pass --force to replace it)")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise UserError(f"{parent}: output folder does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{parent}: output folder is not writable")
     return out
 
 
