@@ -18,7 +18,7 @@ def _ints(text: str, what: str) -> list[int]:
         raise UserError(f"--{what} wants a comma list of integers, got {text!r}") from None
     if not vals or min(vals) < 1:
         raise UserError(f"--{what} values must be >= 1, got {text!r}")
-    return vals
+    return list(dict.fromkeys(vals))          # each once, in the order given
 
 
 @app.command("replay")

@@ -345,3 +345,12 @@ def test_output_files_that_cannot_be_written_are_one_error_and_leave_nothing(tmp
         write({"h2d_GBps": 1}, str(out))
     monkeypatch.setattr(outfiles.os, "replace", real)
     assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_repeated_policies_and_capacities_give_one_row_each():
+    from tracekit import policies
+
+    assert policies.parse("lru, lru ,fifo") == ["lru", "fifo"]
+    assert policies.parse("markov,all") == ["markov"] + [n for n in policies.names() if n != "markov"]
+    r = run_cli("replay", "synthetic:tokens=50,layers=2", "-p", "lru,lru", "-c", "2,1,2", "--format", "json", "-j", "1")
+    assert [(x["policy"], x["capacity"]) for x in json_rows(r.stdout)] == [("lru", 2), ("lru", 1)], r.stderr

@@ -29,13 +29,12 @@ def names() -> list[str]:
 
 
 def parse(spec: str) -> list[str]:
-    """'all' or a comma list -> validated policy names."""
-    if spec.strip() == "all":
-        return names()
-    out = [s.strip() for s in spec.split(",") if s.strip()]
-    for n in out:
-        get(n)
-    return out
+    """'all' or a comma list (which may include 'all') -> validated policy names, each once, in order."""
+    out: list[str] = []
+    for n in (s.strip() for s in spec.split(",")):
+        if n:
+            out += names() if n == "all" else [get(n).name]
+    return list(dict.fromkeys(out))
 
 
 def _load_all() -> None:
