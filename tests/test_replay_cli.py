@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -327,8 +328,6 @@ def test_a_minimal_profile_file_loads_and_prices_copies(tmp_path):
 
 
 def test_output_files_that_cannot_be_written_are_one_error_and_leave_nothing(tmp_path, monkeypatch):
-    import os
-
     from tracekit import outfiles
     from tracekit.errors import UserError
     from tracekit.live.calibrate import write
@@ -354,3 +353,17 @@ def test_repeated_policies_and_capacities_give_one_row_each():
     assert policies.parse("markov,all") == ["markov"] + [n for n in policies.names() if n != "markov"]
     r = run_cli("replay", "synthetic:tokens=50,layers=2", "-p", "lru,lru", "-c", "2,1,2", "--format", "json", "-j", "1")
     assert [(x["policy"], x["capacity"]) for x in json_rows(r.stdout)] == [("lru", 2), ("lru", 1)], r.stderr
+
+
+def test_an_unusable_jit_folder_falls_back_to_a_temporary_one(tmp_path, monkeypatch, capsys):
+    from tracekit.replay import jit
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("TRACEKIT_JIT_DIR", str(tmp_path / "file" / "jit"))   # under a file: cannot exist
+    jit.cache_dir.cache_clear()
+    try:
+        d = jit.cache_dir()                   # was a FileNotFoundError traceback from the replay workers
+        assert d.is_dir() and os.access(d, os.W_OK) and not str(d).startswith(str(tmp_path))
+        assert "compiled replay engines go to" in capsys.readouterr().err
+    finally:
+        jit.cache_dir.cache_clear()

@@ -24,13 +24,31 @@ _TEMPLATES = ("engine_template.py", "demand_template.py", "prefetch_template.py"
 _DEPS = _TEMPLATES + ("controller.py", "cost.py", "../policies/bits.py", "../policies/base.py")
 
 
+@lru_cache(maxsize=None)
 def cache_dir() -> Path:
     d = os.environ.get("TRACEKIT_JIT_DIR")
     if not d:
         base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
         d = os.path.join(base, "tracekit-jit")
-    Path(d).mkdir(parents=True, exist_ok=True)
-    return Path(d)
+    try:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        if not os.access(d, os.W_OK):
+            raise PermissionError(13, "not writable")
+        return Path(d)
+    except OSError as exc:                    # e.g. a read-only home: compile into a temporary folder
+        import tempfile
+
+        from tracekit.errors import UserError
+
+        alt = os.path.join(tempfile.gettempdir(), f"tracekit-jit-{os.getuid() if hasattr(os, 'getuid') else 0}")
+        try:
+            Path(alt).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            raise UserError(f"no writable folder for compiled replay engines ({d}: {exc.strerror or exc}; "
+                            f"{alt} neither); set TRACEKIT_JIT_DIR") from None
+        print(f"warning: {d}: {exc.strerror or exc}; compiled replay engines go to {alt} "
+              "(set TRACEKIT_JIT_DIR to choose)", file=sys.stderr)
+        return Path(alt)
 
 
 def _binding_source(spec: PolicySpec) -> str:

@@ -88,6 +88,10 @@ def run_sweep(plans: dict[str, tuple[Plan, Trace]], cfg: SweepConfig,
     else:
         import multiprocessing as mp
 
+        from tracekit.replay.jit import cache_dir
+
+        cache_dir()                           # once, before the fork: the workers inherit it (and any warning)
+
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("fork")) as ex:
             for row in ex.map(_one, jobs, chunksize=1):
                 rows.append(row)
