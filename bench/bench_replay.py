@@ -71,7 +71,8 @@ def best_rate(fn, count, repeat: int = REPEAT):
 
 
 def throughput(tokens: int, only: list[str] | None = None, hidden_dim: int = 64, hidden_tokens: int = 0,
-               experts: int = 8, top_k: int = 2, C: int = 2) -> list[tuple[str, int, float, str]]:
+               experts: int = 8, top_k: int = 2, C: int = 2,
+               stickiness: float = 0.3) -> list[tuple[str, int, float, str]]:
     from tracekit import policies
     from tracekit.replay.cost import load_profile
     from tracekit.replay.engine import replay_one
@@ -79,7 +80,8 @@ def throughput(tokens: int, only: list[str] | None = None, hidden_dim: int = 64,
     from tracekit.replay.table import applies
     from tracekit.trace.synthetic import synthetic_trace
 
-    tr = synthetic_trace(tokens=tokens, layers=32, experts=experts, top_k=top_k, seed=0, hidden_dim=0)
+    tr = synthetic_trace(tokens=tokens, layers=32, experts=experts, top_k=top_k, seed=0, hidden_dim=0,
+                         stickiness=stickiness)
     plan = build_plan(tr)
     prof = load_profile("h100-pcie5")
     out = []
@@ -107,7 +109,7 @@ def throughput(tokens: int, only: list[str] | None = None, hidden_dim: int = 64,
     if only and not {"trajectory", "gate-lookahead"} & set(only):
         return out
     trh = synthetic_trace(tokens=hidden_tokens or tokens // 10, layers=32, experts=experts, top_k=top_k, seed=0,
-                          hidden_dim=hidden_dim, with_router=True)
+                          hidden_dim=hidden_dim, with_router=True, stickiness=stickiness)
     plan_h = build_plan(trh)
     for name in ("trajectory", "gate-lookahead"):
         if only and name not in only:
@@ -153,15 +155,18 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--capacity", type=int, default=2)
+    ap.add_argument("--stickiness", type=float, default=0.3,
+                    help="chance a token repeats the previous token's experts (synthetic_trace's default)")
     a = ap.parse_args()
     rows = throughput(a.tokens, [p for p in a.policies.split(",") if p] or None, a.hidden_dim, a.hidden_tokens,
-                      a.experts, a.top_k, a.capacity)
+                      a.experts, a.top_k, a.capacity, a.stickiness)
     cold, warm = whole_sweep(a.sweep_tokens) if a.sweep_tokens else (float("nan"), float("nan"))
     cpu = f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} cores"
     lines = [START, "## Replay speed", "",
              f"Measured by `make bench` (bench/bench_replay.py) on this CPU ({cpu}), one core, "
              f"best of {REPEAT} after JIT. Synthetic trace: {a.tokens} tokens x 32 layers, {a.experts} experts, "
-             f"top-{a.top_k}, C={a.capacity}, full cost model on.", "",
+             f"top-{a.top_k}, C={a.capacity}, full cost model on"
+             + (f", stickiness {a.stickiness}." if a.stickiness != 0.3 else "."), "",
              "| policy | engine | requests | M requests/s | target |", "|---|---|---|---|---|"]
     for name, n, rate, engine in rows:
         target = 100 if name in ("lru", "fifo", "bare LRU loop (reference)") else 20
