@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Optional
 
@@ -41,6 +42,9 @@ def record(
     from tracekit.errors import UserError
     from tracekit.record.recorder import record as do_record
 
+    maps = ("auto", "balanced", "balanced_low_0", "sequential")      # accelerate's, or one device
+    if device_map is not None and device_map not in maps and not re.fullmatch(r"cpu|cuda(:\d+)?", device_map):
+        raise UserError(f"--device-map {device_map!r}: expected one of {', '.join(maps)}, or cpu / cuda[:N]")
     if num_layers is not None and num_layers < 1:
         raise UserError(f"--num-layers must be >= 1, got {num_layers}")
     out = out or default_out(model)

@@ -282,7 +282,8 @@ def test_cli_record_errors_are_one_line(tmp_path, monkeypatch, capsys):
                          (["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "n.parquet")], "nope"),
                          (["--hidden", "proj:0", "--out", str(tmp_path / "h.parquet")], "proj:N"),
                          (["--num-layers", "0", "--out", str(tmp_path / "l.parquet")], "--num-layers must be >= 1"),
-                         (["--hidden", "proj:64", "--out", str(tmp_path / "p.parquet")], "use --hidden full")]:
+                         (["--hidden", "proj:64", "--out", str(tmp_path / "p.parquet")], "use --hidden full"),
+                         (["--device-map", "bogus", "--out", str(tmp_path / "d.parquet")], "expected one of auto")]:
         with pytest.raises(SystemExit) as ei:
             main(["record", *args])
         err = capsys.readouterr().err
