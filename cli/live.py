@@ -49,6 +49,9 @@ def live(
                     ("--cpu-threads", cpu_threads)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be >= 1, got {v}")
+    from tracekit.record.models import check_device_name
+
+    check_device_name(device)
     if chunk_mb != 0 and chunk_mb < 4:
         raise UserError(f"--chunk-mb {chunk_mb:g}: chunks under 4 MB lose bandwidth; use 0 (off) or >= 4")
     from tracekit import policies as P

@@ -173,7 +173,8 @@ def test_cli_refusals(capsys, tmp_path):
     bad = [(["--capacity", "9"], "9 > 8 experts")] if os.path.exists(MIX[0]) else []
     for args, needle in bad + [(["--capacity", "0"], "--capacity must be >= 1"), (["--cap", "0"], "--cap must be >= 1"),
                          (["--max-tokens", "0"], "--max-tokens must be >= 1"), (["--layers", "0"], "--layers must"),
-                         (["--cpu-threads", "0"], "--cpu-threads must")]:
+                         (["--cpu-threads", "0"], "--cpu-threads must"),
+                         (["--device", "bogus"], "expected cpu or cuda")]:       # was a torch RuntimeError
         code, cap = _cli(["live", "--trace", MIX[0], "--dry-run", *args], capsys)
         assert code == 2 and needle in cap.err and cap.err.strip().count("\n") == 0, (args, cap.err)
     code, cap = _cli(["live", "--model", "tiny-mixtral", "--device", "cpu", "--capacity", "9"], capsys)

@@ -283,7 +283,8 @@ def test_cli_record_errors_are_one_line(tmp_path, monkeypatch, capsys):
                          (["--hidden", "proj:0", "--out", str(tmp_path / "h.parquet")], "proj:N"),
                          (["--num-layers", "0", "--out", str(tmp_path / "l.parquet")], "--num-layers must be >= 1"),
                          (["--hidden", "proj:64", "--out", str(tmp_path / "p.parquet")], "use --hidden full"),
-                         (["--device-map", "bogus", "--out", str(tmp_path / "d.parquet")], "expected one of auto")]:
+                         (["--device-map", "bogus", "--out", str(tmp_path / "d.parquet")], "expected one of auto"),
+                         (["--device", "bogus", "--out", str(tmp_path / "v.parquet")], "expected cpu or cuda")]:
         with pytest.raises(SystemExit) as ei:
             main(["record", *args])
         err = capsys.readouterr().err

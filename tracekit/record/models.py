@@ -8,6 +8,7 @@ directly on the target device (no full CPU copy).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from tracekit.errors import UserError
@@ -147,9 +148,16 @@ def load_model(name: str = "tiny-mixtral", device: str = "cpu", dtype: str = "au
     return Loaded(model, tokenizer, info)
 
 
+def check_device_name(device: str) -> None:
+    """Refuse a --device other than cpu or cuda[:N] (torch would raise deep inside a load)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise UserError(f"--device {device!r}: expected cpu or cuda[:N]")
+
+
 def _check_device(device: str) -> None:
     import torch
 
+    check_device_name(device)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
 
