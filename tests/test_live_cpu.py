@@ -170,7 +170,8 @@ def test_cli_refusals(capsys, tmp_path):
         assert code == 2 and "64 experts per layer" in cap.err
     # bad numbers: one line each (--capacity 0 once ended in a ValueError traceback, and 0 caps, tokens,
     # layers or threads, or more slots than experts, ran)
-    bad = [(["--capacity", "9"], "9 > 8 experts")] if os.path.exists(MIX[0]) else []
+    bad = [(["--capacity", "9"], "9 > 8 experts"), (["--layers", "40"], "40 > the trace's 32 layers")] \
+        if os.path.exists(MIX[0]) else []
     for args, needle in bad + [(["--capacity", "0"], "--capacity must be >= 1"), (["--cap", "0"], "--cap must be >= 1"),
                          (["--max-tokens", "0"], "--max-tokens must be >= 1"), (["--layers", "0"], "--layers must"),
                          (["--cpu-threads", "0"], "--cpu-threads must"),

@@ -33,6 +33,8 @@ def prepare(trace_path: str, layers: int | None, max_tokens: int | None, shapes:
 
     tr = read_trace(trace_path)
     check_shape(tr, shapes.L, shapes.E, f"the model ({shapes.L} layers x {shapes.E} experts)")
+    if layers and layers > tr.num_layers:
+        raise UserError(f"--layers {layers} > the trace's {tr.num_layers} layers")
     want = layers or shapes.L
     if not dry:
         fit = layers_that_fit(shapes.E * shapes.expert_bytes, want)
