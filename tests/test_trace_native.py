@@ -237,3 +237,19 @@ def test_long_format_values_are_checked(tmp_path, change, needle):
     pq.write_table(pa.table(LONG), f)
     t = read_trace(f)
     assert t.num_experts == 5 and t.experts.shape == (2, 1, 2) and (t.phase == 1).all()
+
+
+def test_bad_bytes_per_expert_metadata_is_one_error_unless_overridden(tmp_path):
+    from tracekit.replay.cost import load_profile
+    from tracekit.replay.sweep import SweepConfig, load_plans, run_sweep
+
+    f = tmp_path / "t.parquet"
+    for bad in ("abc", "-5"):                 # 'abc' was a ValueError traceback; -5 gave negative bytes per token
+        pq.write_table(pa.table(LONG).replace_schema_metadata({"bytes_per_expert": bad}), f)
+        with pytest.raises(UserError, match="bytes_per_expert .* not a positive number; pass --expert-mb"):
+            read_trace(f).expert_bytes
+        cfg = SweepConfig(policies=["lru"], capacities=[1], profile=load_profile("h100-pcie5"), expert_bytes=100e6, jobs=1)
+        (row,) = run_sweep(load_plans([str(f)], False), cfg)
+        assert row["bytes_per_token"] > 0 and row["bytes_per_token"] % 100e6 == 0
+    pq.write_table(pa.table(LONG).replace_schema_metadata({"bytes_per_expert": "3.5e8"}), f)
+    assert read_trace(f).expert_bytes == 350_000_000

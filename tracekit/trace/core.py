@@ -48,7 +48,18 @@ class Trace:
     @property
     def expert_bytes(self) -> int | None:
         v = self.meta.get("bytes_per_expert")
-        return int(v) if v else None
+        if not v:
+            return None
+        try:
+            b = int(float(v))
+        except (TypeError, ValueError):
+            b = 0
+        if b <= 0:
+            from tracekit.errors import UserError
+
+            raise UserError(f"{self.path}: metadata bytes_per_expert {v!r} is not a positive number; "
+                            "pass --expert-mb")
+        return b
 
     def with_token_steps(self) -> "Trace":
         """`--steps tokens`: every token becomes its own decode-like step, in (seq_id, position)
