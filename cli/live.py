@@ -70,9 +70,7 @@ def live(
     from tracekit.live import session
 
     if model and not trace:
-        E = _config(model).num_local_experts
-        if capacity > E:
-            raise UserError(f"--capacity {capacity} > {E} experts per layer")
+        session.check_capacity(capacity, _config(model).num_local_experts)
     if trace:
         shapes = session.MIXTRAL
         if model:
@@ -143,10 +141,15 @@ def _calibrate(out: Optional[str], force: bool = False, cpu_threads: Optional[in
           f"FFN 1 token {prof['ffn_ms']['1']} ms, attention {prof['attn_ms']} ms/layer on {prof['card']}")
 
 
+def _nan(v) -> bool:
+    # a figure a run has no value for (e.g. live tok/s under --dry-run)
+    return isinstance(v, float) and v != v
+
+
 def _json(obj) -> str:
-    # strict JSON: a figure a run has no value for (NaN, e.g. live tok/s under --dry-run) is null
+    # strict JSON: such a figure is null
     def clean(v):
-        if isinstance(v, float) and v != v:
+        if _nan(v):
             return None
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}
@@ -156,7 +159,7 @@ def _json(obj) -> str:
 
 
 def _cell(v, f: str) -> str:
-    return "-" if isinstance(v, float) and v != v else f.format(v)
+    return "-" if _nan(v) else f.format(v)
 
 
 def _print_rows(rows: list, fmt: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Optional
 
@@ -42,9 +41,10 @@ def record(
     from tracekit.errors import UserError
     from tracekit.record.recorder import record as do_record
 
-    maps = ("auto", "balanced", "balanced_low_0", "sequential")      # accelerate's, or one device
-    if device_map is not None and device_map not in maps and not re.fullmatch(r"cpu|cuda(:\d+)?", device_map):
-        raise UserError(f"--device-map {device_map!r}: expected one of {', '.join(maps)}, or cpu / cuda[:N]")
+    if device_map is not None:                # accelerate's strategies, or one device
+        from tracekit.record.models import check_device_name
+
+        check_device_name(device_map, "--device-map", ("auto", "balanced", "balanced_low_0", "sequential"))
     if num_layers is not None and num_layers < 1:
         raise UserError(f"--num-layers must be >= 1, got {num_layers}")
     out = out or default_out(model)

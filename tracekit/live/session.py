@@ -52,6 +52,12 @@ def prepare(trace_path: str, layers: int | None, max_tokens: int | None, shapes:
     return tr, build_plan(tr), shapes
 
 
+def check_capacity(C: int, E: int) -> None:
+    """Refuse more GPU slots per layer than the model has experts (before anything is pinned or loaded)."""
+    if C > E:
+        raise UserError(f"--capacity {C} > {E} experts per layer")
+
+
 def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap: int = 2,
                 chunk_mbs: tuple = (16.0,), layers: int | None = None, max_tokens: int | None = 100,
                 profile: str = "h100-pcie5", device: str = "cuda", dry: bool = False,
@@ -63,8 +69,7 @@ def trace_sweep(trace_path: str, policies: list[str], capacities: list[int], cap
     from tracekit import policies as P
 
     tr, plan, shapes = prepare(trace_path, layers, max_tokens, shapes, dry, log)
-    if max(capacities) > tr.num_experts:
-        raise UserError(f"--capacity {max(capacities)} > {tr.num_experts} experts per layer")
+    check_capacity(max(capacities), tr.num_experts)
     prof, raw = load_with_extras(profile)
     own = store is None and not dry
     if own:

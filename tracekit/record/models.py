@@ -148,10 +148,11 @@ def load_model(name: str = "tiny-mixtral", device: str = "cpu", dtype: str = "au
     return Loaded(model, tokenizer, info)
 
 
-def check_device_name(device: str) -> None:
-    """Refuse a --device other than cpu or cuda[:N] (torch would raise deep inside a load)."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
-        raise UserError(f"--device {device!r}: expected cpu or cuda[:N]")
+def check_device_name(device: str, flag: str = "--device", also: tuple = ()) -> None:
+    """Refuse a device other than cpu, cuda[:N] or one of `also` (torch would raise deep inside a load)."""
+    if device not in also and not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise UserError(f"{flag} {device!r}: expected " + (f"one of {', '.join(also)}, " if also else "")
+                        + "cpu or cuda[:N]")
 
 
 def _check_device(device: str) -> None:

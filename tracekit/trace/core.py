@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SCHEMA_VERSION = 1
+MAX_EXPERTS = int(np.iinfo(np.int16).max)    # expert ids are kept as int16
 PHASE_PREFILL = 0
 PHASE_DECODE = 1
 

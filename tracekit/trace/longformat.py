@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from tracekit.errors import UserError
-from tracekit.trace.core import Trace
+from tracekit.trace.core import MAX_EXPERTS, Trace
 
 LONG_COLUMNS = ("seq_id", "token_idx", "layer", "expert", "rank", "weight", "phase")
 
@@ -50,8 +50,8 @@ def trace_from_long(table: pa.Table, path: str) -> Trace:
     K = _meta_int(meta, "top_k", int(rank.max()) + 1)
     if layer.max() >= L or expert.max() >= E or rank.max() >= K:
         raise UserError(f"{path}: layer/expert/rank out of range for metadata L={L} E={E} top_k={K}")
-    if E > np.iinfo(np.int16).max:                          # expert ids are kept as int16
-        raise UserError(f"{path}: {E} experts per layer; tracekit supports at most {np.iinfo(np.int16).max}")
+    if E > MAX_EXPERTS:
+        raise UserError(f"{path}: {E} experts per layer; tracekit supports at most {MAX_EXPERTS}")
     # Token positions: unique (seq_id, phase, token_idx), sorted.
     seq = cols["seq_id"].astype(np.int64)
     ph = cols["phase"].astype(np.int64)

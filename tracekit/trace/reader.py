@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracekit.errors import UserError
-from tracekit.trace.core import Trace
+from tracekit.trace.core import MAX_EXPERTS, Trace
 from tracekit.trace.longformat import is_long_format, trace_from_long
 
 NATIVE_KEY = b"tracekit.schema_version"
@@ -79,7 +79,7 @@ def _synthetic(spec: str) -> Trace:
 
     v = {k: p.default for k, p in inspect.signature(synthetic_trace).parameters.items()} | kw
     for key, ok, want in (("tokens", v["tokens"] >= 1, ">= 1"), ("layers", v["layers"] >= 1, ">= 1"),
-                          ("experts", 1 <= v["experts"] <= 32767, "in 1..32767"),
+                          ("experts", 1 <= v["experts"] <= MAX_EXPERTS, f"in 1..{MAX_EXPERTS}"),
                           ("top_k", 1 <= v["top_k"] <= v["experts"], f"in 1..experts ({v['experts']})"),
                           ("prefill", 0 <= v["prefill"] <= v["tokens"], f"in 0..tokens ({v['tokens']})"),
                           ("hidden_dim", v["hidden_dim"] >= 0, ">= 0"), ("seed", v["seed"] >= 0, ">= 0"),
