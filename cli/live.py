@@ -158,8 +158,14 @@ def _json(obj) -> str:
     return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
-def _cell(v, f: str) -> str:
-    return "-" if _nan(v) else f.format(v)
+def _cell(v, f) -> str:
+    # f: a format string, or a function of the value
+    return "-" if _nan(v) else f(v) if callable(f) else f.format(v)
+
+
+def _mb(v: float) -> str:
+    # MB/tok: whole MB for Mixtral-size experts, three digits for tiny models' kilobytes
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def _print_rows(rows: list, fmt: str) -> None:
@@ -174,7 +180,7 @@ def _print_rows(rows: list, fmt: str) -> None:
     cols = [("policy", "policy", "{}"), ("C", "capacity", "{}"), ("chunks", "chunks", "{}"),
             ("live tok/s", "live_tok_s", "{:.2f}"), ("pred tok/s", "pred_tok_s", "{:.2f}"),
             ("pred/live", "ratio_pred_live", "{:.2f}"), ("hit", "hit_rate", "{:.3f}"),
-            ("MB/tok", "bytes_per_token_MB", "{:.0f}"), ("GB/s", "achieved_GBps", "{:.1f}"),
+            ("MB/tok", "bytes_per_token_MB", _mb), ("GB/s", "achieved_GBps", "{:.1f}"),
             ("stall ms/tok", "stall_ms_per_token", "{:.2f}"), ("compute ms/tok", "compute_ms_per_token", "{:.2f}"),
             ("policy ms/tok", "policy_ms_per_token", "{:.3f}"), ("eff", "efficiency", "{:.2f}"),
             ("= replay", "bookkeeping_equal", "{}")]

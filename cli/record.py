@@ -47,7 +47,9 @@ def record(
         check_device_name(device_map, "--device-map", ("auto", "balanced", "balanced_low_0", "sequential"))
     if num_layers is not None and num_layers < 1:
         raise UserError(f"--num-layers must be >= 1, got {num_layers}")
-    out = out or default_out(model)
+    if out is None:                           # the default folder is made; a named one must exist
+        out = default_out(model)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = out + ".tmp"
     try:
         s = do_record(model=model, out=out, prompts=prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -200,6 +200,14 @@ def test_cli_dry_run_json(capsys):
     assert "nan" not in cap.out.lower() and "│ lru" in cap.out and "- (dry run)" in cap.err
 
 
+def test_live_table_cells():
+    from tracekit.cli.live import _cell, _mb
+
+    assert [_cell(v, _mb) for v in (27523.4, 150.0, 0.03125, 0.0, float("nan"))] == ["27523", "150", "0.0312", "0",
+                                                                                       "-"]
+    assert _cell(0.27891, "{:.3f}") == "0.279"
+
+
 def test_cli_ctrl_c_in_live_exits_130_with_one_line(capsys, monkeypatch):
     from tracekit.live import session
 

@@ -296,6 +296,22 @@ def test_cli_record_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "p.parquet").exists()               # proj:64 of tiny's 64 dims once recorded
 
 
+def test_cli_record_default_out_makes_traces_folder(tmp_path, monkeypatch, capsys):
+    from tracekit.cli.app import main
+    from tracekit.trace.reader import read_trace
+
+    monkeypatch.chdir(tmp_path)               # a folder without traces/: the default --out creates it
+    try:
+        main(["record", "--max-new-tokens", "2", "--batch-size", "2", "--no-progress"])
+    except SystemExit as exc:
+        assert not exc.code, capsys.readouterr().err
+    files = list((tmp_path / "traces").glob("tiny-mixtral-*.parquet"))
+    assert len(files) == 1 and read_trace(files[0]).num_layers == 4
+    with pytest.raises(SystemExit):           # a named --out in a missing folder is still refused
+        main(["record", "--out", str(tmp_path / "nowhere" / "t.parquet")])
+    assert "output folder does not exist" in capsys.readouterr().err
+
+
 def test_prompt_files(tmp_path):
     from tracekit.record.prompts import builtin_prompts, load_prompts
 
