@@ -286,7 +286,16 @@ def test_a_trace_without_decode_steps_has_undefined_not_zero_decode_metrics(tmp_
     r = run_cli("replay", flame, "-p", "lru", "-c", "8", "--plot", png, "-j", "1")    # table + plot: no crash
     assert r.returncode == 0 and "│ lru" in r.stdout and png.exists(), r.stderr
     r = run_cli("replay", flame, "-p", "lru", "-c", "8", "--steps", "tokens", "--format", "json", "-j", "1")
-    assert json.loads(r.stdout)["sim_tokens_per_s"] > 0 and "no decode steps" not in r.stderr
+    row = json.loads(r.stdout)
+    assert row["sim_tokens_per_s"] > 0 and "no decode steps" not in r.stderr
+    # the long format records no expert size: the profile's Mixtral size is used, and said so
+    assert row["expert_bytes"] == 352e6 and "records no expert size" in r.stderr and "--expert-mb" in r.stderr
+    r = run_cli("replay", flame, "-p", "lru", "-c", "8", "--steps", "tokens", "--format", "json", "-j", "1",
+                "--expert-mb", "2.5")
+    small = json.loads(r.stdout)
+    assert small["expert_bytes"] == 2.5e6 and "expert size" not in r.stderr
+    assert small["bytes_per_token"] == pytest.approx(small["transfers_per_token"] * 2.5e6)
+    assert small["sim_tokens_per_s"] > row["sim_tokens_per_s"]         # smaller copies, faster decode
 
 
 def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):

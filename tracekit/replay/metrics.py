@@ -13,7 +13,7 @@ COLUMNS = (
     "transfers", "decode_transfers", "transfers_per_token", "bytes_per_token",
     "transfers_above_belady", "stall_ms_per_token", "compute_ms_per_token", "time_ms_per_token",
     "stall_share", "sim_tokens_per_s", "decode_tokens", "cpu_misses", "cpu_miss_share",
-    "split_misses", "split_miss_share", "cpu_ms_per_token",
+    "split_misses", "split_miss_share", "cpu_ms_per_token", "expert_bytes",
 )
 
 
@@ -54,6 +54,7 @@ def metric_row(trace: str, policy: str, kind: str, capacity: int, r: ReplayResul
         "split_misses": c["split_misses"],
         "split_miss_share": _div(c["split_misses"], c["requests"] - c["hits"]),
         "cpu_ms_per_token": _ms(r.cpu_busy_s, tok),
+        "expert_bytes": r.expert_bytes,
     }
 
 
