@@ -64,7 +64,7 @@ def _pf_victim(st, l, slot_owner, pend, cand, C, demand):
     for s in range(C):
         e = slot_owner[l, s]
         cand[n] = e
-        n += ((pl >> np.uint64(e)) & np.uint64(1)) == 0
+        n += (pl & bit(e)) == 0
     if n == 0:
         if not demand:
             return -1
