@@ -71,6 +71,24 @@ def test_table_gives_a_policy_that_cannot_run_one_row_and_its_reason_once():
     assert max(map(len, lines)) < 160          # the reason no longer stretches a column
 
 
+def test_table_units_follow_the_expert_size():
+    # a tiny model's bytes and times once printed as 0.000 GB/tok and 0.0 ms
+    rows = {}
+    for mb in ("352", "0.07"):
+        r = run_cli("replay", "synthetic:tokens=200,layers=2", "-p", "lru", "-c", "2", "--expert-mb", mb,
+                    "--format", "json", "-j", "1")
+        rows[mb] = json.loads(r.stdout)
+        r = run_cli("replay", "synthetic:tokens=200,layers=2", "-p", "lru", "-c", "2", "--expert-mb", mb, "-j", "1")
+        rows[mb]["table"] = next(ln for ln in r.stdout.splitlines() if ln.startswith("│ lru ")).split("│")
+        rows[mb]["header"] = next(ln for ln in r.stdout.splitlines() if "xfer/tok" in ln)
+    big, small = rows["352"], rows["0.07"]
+    assert "GB/tok" in big["header"] and f"{big['bytes_per_token'] / 1e9:.3f}" == big["table"][6].strip()
+    assert f"{big['stall_ms_per_token']:.1f}" == big["table"][8].strip()
+    assert "MB/tok" in small["header"] and f"{small['bytes_per_token'] / 1e6:.2f}" == small["table"][6].strip()
+    assert small["stall_ms_per_token"] < 1 and f"{small['stall_ms_per_token']:.3g}" == small["table"][8].strip()
+    assert float(small["table"][6]) > 0 and float(small["table"][8]) > 0
+
+
 @needs_shared
 def test_table_names_the_policy_with_the_most_tokens_per_s_and_the_bound():
     r = run_cli("replay", TWO, "--policy", "lru,fifo,belady", "--capacity", "2,4", "--format", "json", "-j", "1")

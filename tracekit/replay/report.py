@@ -19,6 +19,11 @@ def _f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 
+def _ms(v):
+    # milliseconds: one decimal for Mixtral-size times, three digits below 10 ms (tiny models' 0.0384)
+    return _f(v, ".1f" if v is None or abs(v) >= 10 else ".3g")
+
+
 def wide_console():
     """A rich console that does not squeeze wide tables into 80 columns when piped."""
     from rich.console import Console
@@ -34,8 +39,9 @@ def render_table(rows: list[dict], profile_name: str, console=None) -> None:
 
     console = console or wide_console()
     for trace in dict.fromkeys(r["trace"] for r in rows):
+        unit, div, bfmt = _bytes_unit([r["bytes_per_token"] for r in rows if r["trace"] == trace])
         t = Table(title=f"{trace}  (profile {profile_name})", title_justify="left", caption_justify="left")
-        for col in ("policy", "C", "decode hit", "all hit", "xfer/tok", "GB/tok", "above MIN",
+        for col in ("policy", "C", "decode hit", "all hit", "xfer/tok", f"{unit}/tok", "above MIN",
                     "stall ms/tok", "ms/tok", "sim tok/s", "pf used/issued", "CPU misses"):
             t.add_column(col, justify="left" if col == "policy" else "right")
         na: dict[str, list[dict]] = {}        # policy -> its not-applicable rows, in order
@@ -48,9 +54,9 @@ def render_table(rows: list[dict], profile_name: str, console=None) -> None:
                 continue
             pf = f"{r['prefetch_used']}/{r['prefetch_issued']}" if r["prefetch_issued"] else "-"
             t.add_row(name, str(r["capacity"]), _f(r["decode_hit_rate"], ".4f"), _f(r["hit_rate"], ".4f"),
-                      _f(r["transfers_per_token"], ".2f"), _f(r["bytes_per_token"] and r["bytes_per_token"] / 1e9, ".3f"),
-                      _f(r["transfers_above_belady"], "+.2f"), _f(r["stall_ms_per_token"], ".1f"),
-                      _f(r["time_ms_per_token"], ".1f"), _f(r["sim_tokens_per_s"], ".2f"), pf,
+                      _f(r["transfers_per_token"], ".2f"), _f(r["bytes_per_token"] and r["bytes_per_token"] / div, bfmt),
+                      _f(r["transfers_above_belady"], "+.2f"), _ms(r["stall_ms_per_token"]),
+                      _ms(r["time_ms_per_token"]), _f(r["sim_tokens_per_s"], ".2f"), pf,
                       _cpu_cell(r))
         for name, rs in na.items():
             t.add_row(f"[dim]{name}[/dim]", ",".join(str(r["capacity"]) for r in rs), "[dim]n/a[/dim]", *[""] * 9)
@@ -63,6 +69,16 @@ def render_table(rows: list[dict], profile_name: str, console=None) -> None:
                 + (f" (belady {b['sim_tokens_per_s']:.2f})" if b else "") for C, (r, b) in best.items()))
         t.caption = "\n".join(notes) or None
         console.print(t)
+
+
+def _bytes_unit(values) -> tuple[str, float, str]:
+    # (label, divisor, format) for a table's bytes per token: GB for Mixtral-size experts, smaller
+    # units for small models (a tiny model's 0.0003 GB/tok would print as 0.000)
+    top = max((v for v in values if v), default=0.0)
+    for unit, div in (("GB", 1e9), ("MB", 1e6)):
+        if top >= 0.1 * div:
+            return unit, div, ".3f" if unit == "GB" else ".2f"
+    return "KB", 1e3, ".2f"
 
 
 def best_online(rows) -> dict:
