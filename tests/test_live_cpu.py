@@ -195,6 +195,8 @@ def test_cli_dry_run_json(capsys):
     rows = json.loads(out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert rows[0]["bookkeeping_equal"] is True and rows[0]["decode_tokens"] == 20
     assert rows[0]["live_tok_s"] is None and rows[0]["pred_tok_s"] > 0      # nothing timed in a dry run
+    assert rows[0]["stall_ms_per_token"] is None and rows[0]["compute_ms_per_token"] is None   # not 0
+    assert rows[0]["policy_ms_per_token"] > 0 and rows[0]["bytes_per_token_MB"] > 0           # these are counted
     main(["live", "--policy", "lru", "--trace", MIX[0], "--capacity", "2", "--dry-run", "--max-tokens", "20"])
     cap = capsys.readouterr()
     assert "nan" not in cap.out.lower() and "│ lru" in cap.out and "- (dry run)" in cap.err

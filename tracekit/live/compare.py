@@ -72,8 +72,10 @@ def model_compute_s(plan, profile: Profile, steps: int | None = None) -> float:
 
 def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_name: str = "",
         pred_nondecode_s: float = float("nan")) -> dict:
-    """One results row (all per decode token where it says so)."""
+    """One results row (all per decode token where it says so). A run that timed nothing (--dry-run)
+    has NaN, not 0, for every time it did not measure (null in JSON, "-" in the table)."""
     n = max(1, live.decode_tokens)
+    per_tok = (1e3 / n) if live.decode_s > 0 else float("nan")     # s -> ms per decode token
     comp = model_compute_s(plan, profile)
     ideal = live.bytes_decode / (bw_GBps * 1e9) + comp
     eff = ideal / live.decode_s if live.decode_s > 0 else float("nan")
@@ -88,10 +90,10 @@ def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_n
         "decode_hit_rate": c["decode_hits"] / c["decode_requests"] if c["decode_requests"] else float("nan"),
         "transfers": c["transfers"], "decode_transfers": c["decode_transfers"],
         "bytes_per_token_MB": live.bytes_decode / n / 1e6,
-        "ms_per_token": live.decode_s / n * 1e3,
-        "stall_ms_per_token": live.stall_s / n * 1e3,
-        "compute_ms_per_token": live.compute_s / n * 1e3,
-        "gap_ms_per_token": live.gap_s / n * 1e3,
+        "ms_per_token": live.decode_s * per_tok,
+        "stall_ms_per_token": live.stall_s * per_tok,
+        "compute_ms_per_token": live.compute_s * per_tok,
+        "gap_ms_per_token": live.gap_s * per_tok,
         "policy_ms_per_token": live.policy_s / n * 1e3,
         "stall_share": live.stall_s / live.decode_s if live.decode_s > 0 else float("nan"),
         "achieved_GBps": live.achieved_GBps,
@@ -107,8 +109,8 @@ def row(live, pred_tok_s: float, profile: Profile, plan, bw_GBps: float, trace_n
         "split": bool(live.extra.get("split", False)),
         "split_share": (c.get("decode_split_misses", 0) / (c["decode_requests"] - c["decode_hits"])
                         if c["decode_requests"] > c["decode_hits"] else 0.0),
-        "cpu_wait_ms_per_token": live.cpu_wait_s / n * 1e3,
-        "cpu_busy_ms_per_token": live.cpu_busy_s / n * 1e3,
+        "cpu_wait_ms_per_token": live.cpu_wait_s * per_tok,
+        "cpu_busy_ms_per_token": live.cpu_busy_s * per_tok,
         "cpu_ms_per_job": live.cpu_busy_s / live.cpu_jobs * 1e3 if live.cpu_jobs else float("nan"),
         "cpu_threads": live.extra.get("cpu_threads", 0),
         "cpu_kernel": live.extra.get("cpu_kernel", ""),
