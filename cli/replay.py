@@ -33,7 +33,7 @@ def replay(
     cap: int = typer.Option(2, "--cap", help="prefetches in flight (the study's throttle)"),
     depth: int = typer.Option(0, "--depth", help="prefetch depth per token and layer (0: top_k)"),
     steps: str = typer.Option("passes", "--steps", help="passes (recorded forward passes) | tokens"),
-    expert_mb: float = typer.Option(None, "--expert-mb", help="bytes per expert, overriding trace/profile"),
+    expert_mb: float = typer.Option(None, "--expert-mb", help="MB (1e6 bytes) per expert, overriding the trace's and the profile's size"),
     jobs: int = typer.Option(0, "--jobs", "-j", help="parallel processes (0: all cores)"),
     hybrid: bool = typer.Option(False, "--hybrid", help="each miss is copied or computed on the host CPU, "
                                 "whichever the cost model says finishes first"),
