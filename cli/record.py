@@ -24,8 +24,8 @@ def record(
                                         "built on the meta device and materialised on --device"),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="txt (one prompt a line) or jsonl "
                                           "(\"prompt\" key); default: built-in prose/code/math/Chinese set"),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-    batch_size: int = typer.Option(4, "--batch-size"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="greedy new tokens per prompt"),
+    batch_size: int = typer.Option(4, "--batch-size", help="prompts per generate call (left-padded)"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto' spreads the model over GPUs"),
@@ -33,7 +33,7 @@ def record(
     num_layers: Optional[int] = typer.Option(None, "--num-layers", help="keep only the first N layers"),
     out: Optional[str] = typer.Option(None, "--out", help="output .parquet (default traces/<model>-<time>.parquet)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing --out"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
 ) -> None:
     """Record a routing trace: top-k experts, weights, router logits (and hidden states) per token."""
     from rich.console import Console
