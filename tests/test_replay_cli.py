@@ -290,8 +290,16 @@ def test_token_steps_make_every_token_a_decode_step():
 @pytest.mark.skipif(not (SHARED / "flame_moe_290m_prefill_4x512.parquet").exists(), reason="../shared/traces not present")
 def test_a_trace_without_decode_steps_has_undefined_not_zero_decode_metrics(tmp_path):
     flame = SHARED / "flame_moe_290m_prefill_4x512.parquet"
-    r = run_cli("replay", flame, "--policy", "lru,belady", "--capacity", "8", "--format", "json", "-j", "1")
+    r = run_cli("replay", flame, "--policy", "lru,belady", "--capacity", "8", "--format", "json", "-j", "1",
+                "--out", tmp_path / "flame.parquet")
     assert r.returncode == 0, r.stderr
+    # the all-null decode columns keep their types: results files of any two runs share one schema
+    r2 = run_cli("replay", "synthetic:tokens=50,layers=2", "-p", "lru,trajectory", "-c", "2", "--format", "csv",
+                 "-j", "1", "--out", tmp_path / "syn.parquet")
+    assert r2.returncode == 0, r2.stderr
+    schema = pq.read_schema(tmp_path / "flame.parquet")
+    assert schema.equals(pq.read_schema(tmp_path / "syn.parquet"))
+    assert schema.field("decode_hit_rate").type == pa.float64() and schema.field("capacity").type == pa.int64()
     rows = [json.loads(x, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) for x in r.stdout.splitlines()]
     assert len(rows) == 2 and all(x["decode_tokens"] == 0 and x["requests"] > 0 for x in rows)
     for x in rows:

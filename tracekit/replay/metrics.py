@@ -16,6 +16,13 @@ COLUMNS = (
     "split_misses", "split_miss_share", "cpu_ms_per_token", "expert_bytes",
 )
 
+# Each column's type (the rest are floats), so that files of any run share one schema even when a
+# column holds only nulls (a trace without decode steps, a policy that cannot run).
+TEXT_COLUMNS = ("trace", "policy", "kind", "reason")
+INT_COLUMNS = ("capacity", "requests", "hits", "decode_requests", "decode_hits", "prefetch_issued",
+               "prefetch_used", "prefetch_wasted", "prefetch_dropped", "transfers", "decode_transfers",
+               "decode_tokens", "cpu_misses", "split_misses")
+
 
 def _div(a: float, b: float) -> float | None:
     # a ratio over nothing (no decode tokens, no requests, no misses) is undefined: None

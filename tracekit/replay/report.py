@@ -7,7 +7,7 @@ import sys
 
 from tracekit.errors import UserError
 from tracekit.outfiles import check_new_file, write_atomically
-from tracekit.replay.metrics import COLUMNS
+from tracekit.replay.metrics import COLUMNS, INT_COLUMNS, TEXT_COLUMNS
 
 JSON_KEYS = ("trace", "policy", "capacity", "applicable", "reason", "requests", "hit_rate",
              "decode_hit_rate", "transfers_per_token", "bytes_per_token", "transfers_above_belady",
@@ -132,7 +132,9 @@ def write_parquet(rows: list[dict], path: str, force: bool) -> None:
     import polars as pl
 
     check_new_file(path, force)
-    df = pl.DataFrame([{k: r.get(k) for k in COLUMNS} for r in rows], infer_schema_length=None)
+    schema = {k: pl.Utf8 if k in TEXT_COLUMNS else pl.Int64 if k in INT_COLUMNS else
+              pl.Boolean if k == "applicable" else pl.Float64 for k in COLUMNS}
+    df = pl.DataFrame([{k: r.get(k) for k in COLUMNS} for r in rows], schema=schema)
     write_atomically(path, path + ".partial", df.write_parquet)
 
 
