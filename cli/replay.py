@@ -75,11 +75,12 @@ def replay(
                       split=split)
     err = Console(stderr=True)
     plans = load_plans(traces, cfg.token_steps)
-    if cfg.expert_bytes is None:
-        for name, (_plan, t) in plans.items():
-            if not t.expert_bytes and not name.startswith("synthetic:"):     # a generated trace has no model
-                print(f"note: {name} records no expert size; bytes and copy times use profile {cfg.profile.name}'s "
-                      f"{cfg.profile.expert_MB:g} MB per expert (--expert-mb sets it)", file=sys.stderr)
+    for name, (_plan, t) in plans.items():
+        if not t.complete:
+            print(f"note: {name} is an incomplete recording (killed mid-way): its flushed rows only", file=sys.stderr)
+        if cfg.expert_bytes is None and not t.expert_bytes and not name.startswith("synthetic:"):
+            print(f"note: {name} records no expert size; bytes and copy times use profile {cfg.profile.name}'s "
+                  f"{cfg.profile.expert_MB:g} MB per expert (--expert-mb sets it)", file=sys.stderr)
     total = len(plans) * len(cfg.policies) * len(cfg.capacities)
     with Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not err.is_terminal) as bar:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -204,6 +205,10 @@ def test_killed_by_exception_leaves_readable_incomplete_trace(tiny, tmp_path, mo
     t, f = read_trace(out), read_trace(full)
     assert not t.complete and t.num_steps == 4
     np.testing.assert_array_equal(t.experts, f.experts[: t.num_tokens])
+    r = subprocess.run([sys.executable, "-m", "tracekit.cli", "replay", str(out) + ".tmp", "-p", "lru", "-c", "2",
+                        "-f", "json", "-j", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "incomplete recording" in r.stderr, r.stderr       # replayed, and said so
+    assert json.loads(r.stdout)["requests"] > 0
 
 
 def test_sigkill_leaves_flushed_parts_readable(tmp_path):
