@@ -209,6 +209,9 @@ def test_killed_by_exception_leaves_readable_incomplete_trace(tiny, tmp_path, mo
                         "-f", "json", "-j", "1"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "incomplete recording" in r.stderr, r.stderr       # replayed, and said so
     assert json.loads(r.stdout)["requests"] > 0
+    r = subprocess.run([sys.executable, "-m", "tracekit.cli", "live", "--trace", str(out) + ".tmp", "--model",
+                        "tiny-mixtral", "--dry-run", "--format", "json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "incomplete recording" in r.stderr, r.stderr
 
 
 def test_sigkill_leaves_flushed_parts_readable(tmp_path):

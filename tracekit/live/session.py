@@ -32,6 +32,8 @@ def prepare(trace_path: str, layers: int | None, max_tokens: int | None, shapes:
     from tracekit.trace import read_trace
 
     tr = read_trace(trace_path)
+    if not tr.complete:
+        log(f"note: {trace_path} is an incomplete recording (killed mid-way): its flushed rows only")
     check_shape(tr, shapes.L, shapes.E, f"the model ({shapes.L} layers x {shapes.E} experts)")
     if layers and layers > tr.num_layers:
         raise UserError(f"--layers {layers} > the trace's {tr.num_layers} layers")
