@@ -70,6 +70,9 @@ def inspect(trace: str = typer.Argument(..., help="a tracekit trace, a partial r
     hidden = t.hidden_kind if t.hidden_kind != "none" else "no"
     con.print(f"hidden states: {hidden}  router logits: {'yes' if t.logits is not None else 'no'}  "
               f"router weights: {'yes' if t.router is not None else 'no'}")
+    eb = t.expert_bytes
+    con.print(f"expert size: {eb / 1e6:.4g} MB (recorded)" if eb else
+              "expert size: not recorded (replay prices experts at the profile's size unless --expert-mb)")
     if t.num_tokens == 0:
         con.print("no token rows yet")
         return

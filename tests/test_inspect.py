@@ -54,7 +54,8 @@ def test_expert_popularity():
 
 def _native(path, steps=3, close=True, flush_rows=1):
     rng = np.random.default_rng(0)
-    w = TraceWriter(path, num_layers=L, num_experts=E, top_k=K, meta={"model": "unit-test-model"},
+    w = TraceWriter(path, num_layers=L, num_experts=E, top_k=K, meta={"model": "unit-test-model",
+                                                                       "bytes_per_expert": 73728},
                     flush_rows=flush_rows)
     for s in range(steps):
         n = 2
@@ -77,6 +78,7 @@ def test_inspect_native_trace(tmp_path):
     assert "tokens 6 (prefill 2, decode 4)" in o and "steps 3" in o and "layers 2" in o
     assert "experts 4" in o and "top-k 2" in o and "hidden states: no" in o
     assert "temporal repeat rate (top-k set equals the previous token's): 100.0%" in o
+    assert "expert size: 0.07373 MB (recorded)" in o
 
 
 def test_inspect_partial_recording(tmp_path):
@@ -96,6 +98,7 @@ def test_inspect_shared_long_format(name):
         pytest.skip("../shared/traces not present")
     p = run_cli("inspect", path)
     assert p.returncode == 0, p.stderr
+    assert "expert size: not recorded" in p.stdout            # the long format carries no size
     if name.startswith("mixtral"):
         assert "tokens 218 (prefill 135, decode 83)" in p.stdout and "steps 84" in p.stdout
         assert "layers 32  experts 8  top-k 2" in p.stdout and "missing token-layer events: 199" in p.stdout
