@@ -78,7 +78,7 @@ def replay(
     for name, (_plan, t) in plans.items():
         if not t.complete:
             print(f"note: {name} is an incomplete recording (killed mid-way): its flushed rows only", file=sys.stderr)
-        if cfg.expert_bytes is None and not t.expert_bytes and not name.startswith("synthetic:"):
+        if cfg.expert_bytes is None and not t.expert_bytes and t.format != "synthetic":    # no model behind it
             print(f"note: {name} records no expert size; bytes and copy times use profile {cfg.profile.name}'s "
                   f"{cfg.profile.expert_MB:g} MB per expert (--expert-mb sets it)", file=sys.stderr)
     total = len(plans) * len(cfg.policies) * len(cfg.capacities)
