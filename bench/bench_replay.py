@@ -10,6 +10,7 @@ Targets from issue 3: lru/fifo >= 100M req/s, others >= 20M req/s; the whole swe
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import platform
 import subprocess
@@ -25,6 +26,13 @@ REPEAT = 7
 START = "<!-- bench_replay:start -->"
 END = "<!-- bench_replay:end -->"
 PREFETCH_LOOP = "fused prefetch loop"
+
+
+def _default_stickiness() -> float:
+    from tracekit.trace.synthetic import synthetic_trace
+
+    return inspect.signature(synthetic_trace).parameters["stickiness"].default
+
 
 
 @njit(cache=True)
@@ -72,7 +80,7 @@ def best_rate(fn, count, repeat: int = REPEAT):
 
 def throughput(tokens: int, only: list[str] | None = None, hidden_dim: int = 64, hidden_tokens: int = 0,
                experts: int = 8, top_k: int = 2, C: int = 2,
-               stickiness: float = 0.3) -> list[tuple[str, int, float, str]]:
+               stickiness: float | None = None) -> list[tuple[str, int, float, str]]:
     from tracekit import policies
     from tracekit.replay.cost import load_profile
     from tracekit.replay.engine import replay_one
@@ -80,6 +88,7 @@ def throughput(tokens: int, only: list[str] | None = None, hidden_dim: int = 64,
     from tracekit.replay.table import applies
     from tracekit.trace.synthetic import synthetic_trace
 
+    stickiness = _default_stickiness() if stickiness is None else stickiness
     tr = synthetic_trace(tokens=tokens, layers=32, experts=experts, top_k=top_k, seed=0, hidden_dim=0,
                          stickiness=stickiness)
     plan = build_plan(tr)
@@ -155,7 +164,7 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--capacity", type=int, default=2)
-    ap.add_argument("--stickiness", type=float, default=0.3,
+    ap.add_argument("--stickiness", type=float, default=_default_stickiness(),
                     help="chance a token repeats the previous token's experts (synthetic_trace's default)")
     a = ap.parse_args()
     rows = throughput(a.tokens, [p for p in a.policies.split(",") if p] or None, a.hidden_dim, a.hidden_tokens,
@@ -166,7 +175,7 @@ def main() -> int:
              f"Measured by `make bench` (bench/bench_replay.py) on this CPU ({cpu}), one core, "
              f"best of {REPEAT} after JIT. Synthetic trace: {a.tokens} tokens x 32 layers, {a.experts} experts, "
              f"top-{a.top_k}, C={a.capacity}, full cost model on"
-             + (f", stickiness {a.stickiness}." if a.stickiness != 0.3 else "."), "",
+             + (f", stickiness {a.stickiness}." if a.stickiness != _default_stickiness() else "."), "",
              "| policy | engine | requests | M requests/s | target |", "|---|---|---|---|---|"]
     for name, n, rate, engine in rows:
         target = 100 if name in ("lru", "fifo", "bare LRU loop (reference)") else 20
