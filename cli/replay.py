@@ -53,6 +53,7 @@ def replay(
     from tracekit.replay import report
     from tracekit.replay.cost import load_profile
     from tracekit.replay.sweep import SweepConfig, load_plans, run_sweep
+    from tracekit.trace.core import INCOMPLETE
 
     if fmt not in ("table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv, not {fmt!r}")
@@ -77,7 +78,7 @@ def replay(
     plans = load_plans(traces, cfg.token_steps)
     for name, (_plan, t) in plans.items():
         if not t.complete:
-            print(f"note: {name} is an incomplete recording (killed mid-way): its flushed rows only", file=sys.stderr)
+            print(f"note: {name} is {INCOMPLETE}", file=sys.stderr)
         if cfg.expert_bytes is None and not t.expert_bytes and t.format != "synthetic":    # no model behind it
             print(f"note: {name} records no expert size; bytes and copy times use profile {cfg.profile.name}'s "
                   f"{cfg.profile.expert_MB:g} MB per expert (--expert-mb sets it)", file=sys.stderr)

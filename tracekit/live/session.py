@@ -30,10 +30,11 @@ def prepare(trace_path: str, layers: int | None, max_tokens: int | None, shapes:
     """Read, check and cut the trace; choose how many layers the host can pin. -> (trace, plan, shapes)."""
     from tracekit.replay.plan import build_plan
     from tracekit.trace import read_trace
+    from tracekit.trace.core import INCOMPLETE
 
     tr = read_trace(trace_path)
     if not tr.complete:
-        log(f"note: {trace_path} is an incomplete recording (killed mid-way): its flushed rows only")
+        log(f"note: {trace_path} is {INCOMPLETE}")
     check_shape(tr, shapes.L, shapes.E, f"the model ({shapes.L} layers x {shapes.E} experts)")
     if layers and layers > tr.num_layers:
         raise UserError(f"--layers {layers} > the trace's {tr.num_layers} layers")
