@@ -6,6 +6,7 @@ pure-Python reference, replay and live agree bit for bit. This times, per set of
   dot_in_d_order   the library's loop (e innermost, d unrolled by 4; numba's loop vectorizer
                    vectorizes it over e, with the sums going through memory every 4 terms)
   registers (E=8)  the same sums in the same order with 8 scalar accumulators held in registers
+                   (tracekit.policies.base.dot8_in_d_order; trajectory uses it when E = 8)
 each in a process with numba's default settings and in one with NUMBA_SLP_VECTORIZE=1 (LLVM's SLP
 vectorizer, which numba leaves off by default since numba PR #8852 because of miscompilations). It
 checks that both loops give bit-identical sums.
@@ -26,26 +27,8 @@ def measure(dims: list[int]) -> None:
     import numpy as np
     from numba import njit
 
+    from tracekit.policies.base import dot8_in_d_order as dot8
     from tracekit.policies.base import dot_in_d_order
-
-    @njit(inline="always")
-    def dot8(M, hid, acc):
-        # M [D, 8] float64, hid float32[D]: acc[e] = sum_d hid[d] * M[d, e] in d order; returns |hid|^2
-        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-        hh = 0.0
-        for d in range(hid.shape[0]):
-            h = hid[d]
-            hh += h * h
-            a0 += h * M[d, 0]
-            a1 += h * M[d, 1]
-            a2 += h * M[d, 2]
-            a3 += h * M[d, 3]
-            a4 += h * M[d, 4]
-            a5 += h * M[d, 5]
-            a6 += h * M[d, 6]
-            a7 += h * M[d, 7]
-        acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7] = a0, a1, a2, a3, a4, a5, a6, a7
-        return hh
 
     def timing_loop(dot):
         @njit

@@ -23,6 +23,7 @@ from numba import njit
 from tracekit.policies import NotApplicable, register
 from tracekit.policies.base import (
     PolicySpec,
+    dot8_in_d_order,
     dot_in_d_order,
     lru_access,
     lru_insert,
@@ -101,7 +102,8 @@ def predict(st, l, ex, hid, out):
     t = l + 1
     if t >= cnt.shape[0] or nobs[t] < par[1]:
         return 0
-    hh = dot_in_d_order(cent[t], hid, score)      # score[e] = sum_d h[d] * cent[t, d, e]; hh = |h|^2
+    # score[e] = sum_d h[d] * cent[t, d, e]; hh = |h|^2
+    hh = dot8_in_d_order(cent[t], hid, score) if score.shape[0] == 8 else dot_in_d_order(cent[t], hid, score)
     if hh == 0.0:
         return 0
     hn = math.sqrt(hh)
