@@ -34,7 +34,6 @@ def _default_stickiness() -> float:
     return inspect.signature(synthetic_trace).parameters["stickiness"].default
 
 
-
 @njit(cache=True)
 def _bare_lru(req_ptr, req_e, L, E, C):
     # The least an LRU replay can do per request: residency lookup, LRU stamps, victim among C,

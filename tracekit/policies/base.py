@@ -188,7 +188,9 @@ def dot_in_d_order(M, hid, acc):
 @njit(cache=True, inline="always")
 def dot8_in_d_order(M, hid, acc):
     # dot_in_d_order for E == 8 (Mixtral's experts): the same sums in the same order, bit for bit,
-    # with the 8 sums held in registers instead of going through acc every 4 terms.
+    # with the 8 sums held in registers instead of going through acc every 4 terms. trajectory
+    # (float64 centroids) uses it; gate-lookahead (float32 router) measured slower with it, so it
+    # keeps dot_in_d_order (docs/benchmarks.md, session 13).
     # M [D, 8], hid float32[D], acc float64[8]; returns sum_d hid[d] * hid[d].
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
     hh = 0.0
