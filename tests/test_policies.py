@@ -238,3 +238,23 @@ def test_dot8_in_d_order_is_dot_in_d_order_bit_for_bit(dtype):
                 want[e] += float(hid[d] * M[d, e])
         assert hh8 == hh == sum((float(hid[d] * hid[d]) for d in range(D)), 0.0)
         assert a8.tolist() == a.tolist() == want
+
+
+@pytest.mark.parametrize("E", [8, 9])
+def test_markov_top2_prediction_with_ties(E):
+    # markov's depth-2 prediction (a tournament when E == 8, a loop otherwise) against plain Python:
+    # score b by P[a0, b] + P[a1, b], the two best with score > 0, ties to the lower id
+    from tracekit.policies import markov
+
+    rng = np.random.default_rng(11)
+    st_ = markov.make_state(PolicyContext(1, E, 2, 2, 0, "none", None, 2))
+    out = np.full((4, 3), -7, dtype=np.int64)
+    ex = np.zeros(2, dtype=np.int16)
+    for _ in range(300):
+        st_[1][0] = rng.integers(0, 3, (E, E)) * rng.integers(0, 2, (E, E))   # small counts: many ties, some zero
+        a0, a1 = rng.choice(E, 2, replace=False)
+        ex[:] = a0, a1
+        n = markov.predict(st_, 0, ex, np.zeros(0, np.float32), out)
+        score = st_[1][0, a0] + st_[1][0, a1]
+        want = sorted((b for b in range(E) if score[b] > 0), key=lambda b: (-score[b], b))[:2]
+        assert [tuple(r) for r in out[:n].tolist()] == [(1, 0, b) for b in want]
