@@ -65,7 +65,8 @@ def predict(st, l, ex, hid, out):
     if n == 2 and ex.shape[0] == 2 and ex[0] >= 0 and ex[1] >= 0:
         # the default (depth = top_k = 2): the two best keys in one pass, nothing stored; with 8
         # experts (Mixtral) as a tournament, whose chain of max/min is 3 levels deep instead of 8
-        # (1.075x markov's replay speed, median of 10 A/B rounds, docs/benchmarks.md session 14)
+        # (markov's replay 1.075x faster on one VM and 1.15x on a Xeon, medians of A/B rounds,
+        # docs/benchmarks.md session 14)
         a0, a1 = ex[0], ex[1]
         if E == 8:
             b1, b2 = _top2_of_8(P[l, a0], P[l, a1])
