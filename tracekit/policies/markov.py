@@ -68,12 +68,13 @@ def predict(st, l, ex, hid, out):
         # (markov's replay 1.075x faster on one VM and 1.15x on a Xeon, medians of A/B rounds,
         # docs/benchmarks.md session 14)
         a0, a1 = ex[0], ex[1]
+        p, q = P[l, a0], P[l, a1]
         if E == 8:
-            b1, b2 = _top2_of_8(P[l, a0], P[l, a1])
+            b1, b2 = _top2_of_8(p, q)
         else:
             b1 = b2 = np.int64(-1)
             for b in range(E):
-                v = ((P[l, a0, b] + P[l, a1, b]) << 10) + (1023 - b)
+                v = _key(p, q, b)
                 b2 = max(b2, min(v, b1))
                 b1 = max(b1, v)
         if b1 < 1024:                             # only experts ever seen to follow (score > 0)
@@ -107,10 +108,16 @@ def predict(st, l, ex, hid, out):
 
 
 @njit(cache=True, inline="always")
+def _key(p, q, b):
+    # expert b's key for the depth-2 prediction: score p[b] + q[b], then the lower id (_row decodes it)
+    return ((p[b] + q[b]) << 10) + (1023 - b)
+
+
+@njit(cache=True, inline="always")
 def _pair(p, q, b):
     # keys of experts b and b+1 -> (higher, lower)
-    u = ((p[b] + q[b]) << 10) + (1023 - b)
-    v = ((p[b + 1] + q[b + 1]) << 10) + (1022 - b)
+    u = _key(p, q, b)
+    v = _key(p, q, b + 1)
     return max(u, v), min(u, v)
 
 
