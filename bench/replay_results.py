@@ -1,5 +1,5 @@
 """Write the replay sections of docs/results.md: every policy x C on the shared Mixtral traces,
-and transfer-only against --hybrid. Replaces the text between the markers in the file.
+markov at prefetch depth 1 and 2, and transfer-only against --hybrid. Replaces the text between the markers in the file.
 
     .venv/bin/python bench/replay_results.py --out docs/results.md
 """
@@ -66,6 +66,29 @@ def hybrid_section(traces: list[str]) -> list[str]:
     return out + [""]
 
 
+def depth_section(traces: list[str], caps: list[int]) -> list[str]:
+    from tracekit.replay.cost import load_profile
+    from tracekit.replay.sweep import SweepConfig, load_plans, run_sweep
+
+    out = ["### markov's prefetch depth (replay, profile `h100-pcie5`, in-flight cap 2; LRU beside it)", "",
+           "| trace | C | LRU transfers/token | LRU sim tok/s | depth | decode hit | transfers/token | "
+           "prefetch used/issued | sim tok/s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for path in traces:
+        plans = load_plans([path], False)
+        prof = load_profile("h100-pcie5")
+        lru = {r["capacity"]: r for r in run_sweep(plans, SweepConfig(policies=["lru"], capacities=caps,
+                                                                      profile=prof))}
+        for depth in (1, 2):
+            for r in run_sweep(plans, SweepConfig(policies=["markov"], capacities=caps, profile=prof, depth=depth)):
+                b = lru[r["capacity"]]
+                out.append(f"| {os.path.basename(path)[:-8]} | {r['capacity']} | {b['transfers_per_token']:.2f} | "
+                           f"{b['sim_tokens_per_s']:.2f} | {depth} | {r['decode_hit_rate']:.4f} | "
+                           f"{r['transfers_per_token']:.2f} | {r['prefetch_used']}/{r['prefetch_issued']} | "
+                           f"{r['sim_tokens_per_s']:.2f} |")
+    return out + [""]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
@@ -88,6 +111,7 @@ def main() -> int:
         rows = run_sweep(load_plans([path], False), cfg)
         lines += [f"### {os.path.basename(path)}" + (" (experts priced at 352 MB)" if expert_mb else ""), ""]
         lines += table(rows) + [""]
+    lines += depth_section(traces, caps)
     lines += hybrid_section(traces)
     lines.append(END)
     path = Path(a.out)
