@@ -66,6 +66,14 @@ def _bare_lru(req_ptr, req_e, L, E, C):
     return hits
 
 
+def synthetic_plan(tokens: int = 160000):
+    """The planned synthetic trace that the prefetch-loop scripts time: tokens x 32 layers, 8 experts, top-2."""
+    from tracekit.replay.plan import build_plan
+    from tracekit.trace.synthetic import synthetic_trace
+
+    return build_plan(synthetic_trace(tokens=tokens, layers=32, experts=8, top_k=2, seed=0))
+
+
 def best_rate(fn, count, repeat: int = REPEAT):
     """Warm fn() up, then run it `repeat` times: -> (its last result, best count(result) per second)."""
     fn()

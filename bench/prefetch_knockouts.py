@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_replay import synthetic_plan  # bench/ is this script's folder, first on sys.path
 
 CALL = "                    mp = predict(st, l, tok_ex[j, l], hid[j, l], pred)\n"
 VARIANTS = {
@@ -36,8 +37,6 @@ def main() -> int:
     from tracekit.replay import controller as ctlmod
     from tracekit.replay.cost import load_profile, new_timeline
     from tracekit.replay.jit import cache_dir, engine_module
-    from tracekit.replay.plan import build_plan
-    from tracekit.trace.synthetic import synthetic_trace
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -59,7 +58,7 @@ def main() -> int:
             mods[name] = m
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    plan = build_plan(synthetic_trace(tokens=160000, layers=32, experts=8, top_k=2, seed=0))
+    plan = synthetic_plan()
     sc, ft, fs = load_profile("h100-pcie5").vectors()
     n_steps = plan.decode.shape[0] * plan.L
     for rnd in range(a.rounds):

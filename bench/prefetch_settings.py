@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 
-from bench_replay import best_rate  # bench/ is this script's folder, first on sys.path
+from bench_replay import best_rate, synthetic_plan  # bench/ is this script's folder, first on sys.path
 
 
 def main() -> int:
     from tracekit import policies
     from tracekit.replay.cost import load_profile
     from tracekit.replay.engine import replay_one
-    from tracekit.replay.plan import build_plan
-    from tracekit.trace.synthetic import synthetic_trace
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
@@ -30,7 +28,7 @@ def main() -> int:
     ap.add_argument("--settings", default="2:2,1:2,8:2,2:1", help="cap:depth pairs, comma-separated")
     a = ap.parse_args()
     pairs = [tuple(int(x) for x in p.split(":")) for p in a.settings.split(",")]
-    plan = build_plan(synthetic_trace(tokens=160000, layers=32, experts=8, top_k=2, seed=0))
+    plan = synthetic_plan()
     spec, prof = policies.get("markov"), load_profile("h100-pcie5")
     steps = plan.decode.shape[0] * plan.L
     print("| round | cap | depth | M requests/s | ns per layer-step | prefetches issued per layer-step | hit rate |")
