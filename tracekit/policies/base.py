@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 from numba import njit
 
+from tracekit.policies.simd import lanes8_dot
+
 NEVER = np.int64(1) << np.int64(62)
 
 
@@ -154,8 +156,22 @@ def dot_in_d_order(M, hid, acc):
     # acc[e] = sum_d hid[d] * M[d, e] for M [D, E] (C order), hid float32[D], acc float64[E]; returns
     # sum_d hid[d] * hid[d]. Every sum is added in d order from 0.0, exactly as a plain loop over d
     # would (the products in numpy's types: float32 x float32 -> float32, float32 x float64 ->
-    # float64). The loop over e is innermost (contiguous) with d unrolled by 4 inside it, so the
-    # E + 1 sums run side by side and each acc[e] goes through memory once per 4 terms.
+    # float64). When E is a multiple of 8 (Mixtral: 8, FLAME: 64), eight experts' sums run as the
+    # lanes of one LLVM vector (tracekit.policies.simd, bit for bit the scalar loop's sums).
+    E = acc.shape[0]
+    if E % 8 or E == 0:
+        return dot_in_d_order_scalar(M, hid, acc)
+    hh = 0.0
+    for e0 in range(0, E, 8):
+        hh = lanes8_dot(M, hid, acc, e0)
+    return hh
+
+
+@njit(cache=True, inline="always")
+def dot_in_d_order_scalar(M, hid, acc):
+    # dot_in_d_order as a scalar loop, for any E: the loop over e is innermost (contiguous) with d
+    # unrolled by 4 inside it, so the E + 1 sums run side by side and each acc[e] goes through memory
+    # once per 4 terms
     E = acc.shape[0]
     D = hid.shape[0]
     for e in range(E):
@@ -182,30 +198,6 @@ def dot_in_d_order(M, hid, acc):
         for e in range(E):
             acc[e] += h0 * M[d, e]
         d += 1
-    return hh
-
-
-@njit(cache=True, inline="always")
-def dot8_in_d_order(M, hid, acc):
-    # dot_in_d_order for E == 8 (Mixtral's experts): the same sums in the same order, bit for bit,
-    # with the 8 sums held in registers instead of going through acc every 4 terms. trajectory
-    # (float64 centroids) uses it; gate-lookahead (float32 router) measured slower with it, so it
-    # keeps dot_in_d_order (docs/benchmarks.md, session 13).
-    # M [D, 8], hid float32[D], acc float64[8]; returns sum_d hid[d] * hid[d].
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    hh = 0.0
-    for d in range(hid.shape[0]):
-        h = hid[d]
-        hh += h * h
-        a0 += h * M[d, 0]
-        a1 += h * M[d, 1]
-        a2 += h * M[d, 2]
-        a3 += h * M[d, 3]
-        a4 += h * M[d, 4]
-        a5 += h * M[d, 5]
-        a6 += h * M[d, 6]
-        a7 += h * M[d, 7]
-    acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7] = a0, a1, a2, a3, a4, a5, a6, a7
     return hh
 
 

@@ -23,7 +23,6 @@ from numba import njit
 from tracekit.policies import NotApplicable, register
 from tracekit.policies.base import (
     PolicySpec,
-    dot8_in_d_order,
     dot_in_d_order,
     lru_access,
     lru_insert,
@@ -103,7 +102,7 @@ def predict(st, l, ex, hid, out):
     if t >= cnt.shape[0] or nobs[t] < par[1]:
         return 0
     # score[e] = sum_d h[d] * cent[t, d, e]; hh = |h|^2
-    hh = dot8_in_d_order(cent[t], hid, score) if score.shape[0] == 8 else dot_in_d_order(cent[t], hid, score)
+    hh = dot_in_d_order(cent[t], hid, score)
     if hh == 0.0:
         return 0
     hn = math.sqrt(hh)

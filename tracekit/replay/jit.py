@@ -21,7 +21,8 @@ from tracekit.policies import PolicySpec
 
 _HERE = Path(__file__).parent
 _TEMPLATES = ("engine_template.py", "demand_template.py", "prefetch_template.py")
-_DEPS = _TEMPLATES + ("controller.py", "cost.py", "../policies/bits.py", "../policies/base.py")
+_DEPS = _TEMPLATES + ("controller.py", "cost.py", "../policies/bits.py", "../policies/base.py",
+                       "../policies/simd.py")
 
 
 @lru_cache(maxsize=None)
