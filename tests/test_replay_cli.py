@@ -235,14 +235,17 @@ def test_split_miss_cost_by_hand():
     from tracekit import policies
     from tracekit.replay.cost import Profile
     from tracekit.replay.engine import replay_one
+    from tracekit.replay.metrics import metric_row
     from tracekit.replay.plan import build_plan
     from tracekit.trace.core import Trace
 
-    T, L = 6, 1
+    T, L, D = 6, 1, 4                                          # D decode steps after T - D prefill steps
     ex = np.zeros((T, L, 1), dtype=np.int16)
     ex[1::2] = 1
+    phase = np.ones(T, np.int8)
+    phase[:T - D] = 0
     tr = Trace(path="t", format="synthetic", complete=True, num_layers=L, num_experts=2, top_k=1,
-               seq_id=np.zeros(T, np.int32), step=np.arange(T, dtype=np.int32), phase=np.ones(T, np.int8),
+               seq_id=np.zeros(T, np.int32), step=np.arange(T, dtype=np.int32), phase=phase,
                position=np.arange(T, dtype=np.int32), token_id=np.zeros(T, np.int32), experts=ex,
                weights=np.ones((T, L, 1), np.float32))
     prof = Profile(name="t", h2d_GBps=1.0, copy_overhead_us=0.0, expert_MB=10.0, attn_ms=1.0, ffn_ms={"1": 0.64},
@@ -256,11 +259,13 @@ def test_split_miss_cost_by_hand():
     assert c["transfers"] == 0 and c["hits"] == 0             # split experts are never cached
     # per token: attention 1; copy part 10 x 28/64 = 4.375, then the GPU's part 0.64 x 28/64 = 0.28;
     # CPU part 0.5 + 6 x 36/64 + 0.5 = 4.375 -> the layer ends at 1 + 4.375 + 0.28
-    assert r.decode_s == pytest.approx(T * 5.655e-3)
-    assert whole.decode_s == pytest.approx(T * 8e-3)          # 1 + 0.5 + 6 + 0.5
+    assert r.decode_s == pytest.approx(D * 5.655e-3)
+    assert whole.decode_s == pytest.approx(D * 8e-3)          # 1 + 0.5 + 6 + 0.5
     assert r.bytes == pytest.approx(T * 10e6 * 28 / 64)
-    assert r.cpu_busy_s == pytest.approx(T * 6e-3 * 36 / 64)
-    assert r.decode_stall_s == pytest.approx(T * 4.375e-3)     # the GPU waits for the copy part
+    assert r.cpu_busy_s == pytest.approx(T * 6e-3 * 36 / 64)   # all steps; the per-token metric: decode only
+    assert r.decode_cpu_busy_s == pytest.approx(D * 6e-3 * 36 / 64)
+    assert metric_row("t", "lru", "demand", 1, r)["cpu_ms_per_token"] == pytest.approx(6 * 36 / 64)
+    assert r.decode_stall_s == pytest.approx(D * 4.375e-3)     # the GPU waits for the copy part
 
 
 def test_calibrate_never_overwrites_a_profile(tmp_path):

@@ -37,8 +37,8 @@ from tracekit.replay.controller import CPU, MISS, PREFETCH, SPLIT, SPLIT_GRID
 
 # scalar slots of the numba profile vector
 P_BW, P_OVH, P_BYTES, P_ATTN, P_ATTN_TOK, P_CHUNKS, P_ACT, P_CONT_COPY, P_CONT_CPU = range(9)
-# accumulator slots of the timeline
-A_ENGINE, A_STALL, A_COMPUTE, A_COPY, A_BYTES, A_CPU, A_CPU_BUSY = range(7)
+# accumulator slots of the timeline (A_CPU_BUSY: all steps; A_DEC_CPU_BUSY: decode steps, kept by `run`)
+A_ENGINE, A_STALL, A_COMPUTE, A_COPY, A_BYTES, A_CPU, A_CPU_BUSY, A_DEC_CPU_BUSY = range(8)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from tracekit.replay.cost import (
     A_COMPUTE,
     A_COPY,
     A_CPU_BUSY,
+    A_DEC_CPU_BUSY,
     A_STALL,
     P_BYTES,
     Profile,
@@ -36,7 +37,8 @@ class ReplayResult:
     decode_stall_s: float
     decode_compute_s: float
     expert_bytes: float
-    cpu_busy_s: float = 0.0
+    cpu_busy_s: float = 0.0           # host CPU busy time of --hybrid misses, all steps
+    decode_cpu_busy_s: float = 0.0    # ... of decode steps
 
 
 def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *, cap: int = 2,
@@ -86,4 +88,5 @@ def replay_one(spec: PolicySpec, plan: Plan, capacity: int, profile: Profile, *,
     acc = tl[2]
     return ReplayResult(ctlmod.counters_dict(ctl), float(total), float(dec_s), int(dec_tok),
                         float(acc[A_STALL]), float(acc[A_COMPUTE]), float(acc[A_COPY]), float(acc[A_BYTES]),
-                        float(dec_stall), float(dec_comp), float(sc[P_BYTES]), float(acc[A_CPU_BUSY]))
+                        float(dec_stall), float(dec_comp), float(sc[P_BYTES]), float(acc[A_CPU_BUSY]),
+                        float(acc[A_DEC_CPU_BUSY]))

@@ -332,7 +332,7 @@ def run(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, 
         t0, t1 = tok_ptr[s], tok_ptr[s + 1]
         ntok = t1 - t0
         dec = decode[s] == 1
-        start, stall0, comp0 = cursor, acc[1], acc[2]
+        start, stall0, comp0, cpu0 = cursor, acc[1], acc[2], acc[6]
         for l in range(L):
             pos = s * L + l
             a, b = req_ptr[pos], req_ptr[pos + 1]
@@ -353,5 +353,6 @@ def run(ctl, st, tl, sc, ffn_tok, ffn_s, tok_ptr, decode, tok_ex, hid, req_ptr, 
             dec_tok += ntok
             dec_stall += acc[1] - stall0
             dec_compute += acc[2] - comp0
+            acc[7] += acc[6] - cpu0               # A_DEC_CPU_BUSY: the host's decode share (--hybrid)
     finish(ctl)
     return cursor, dec_time, dec_tok, dec_stall, dec_compute

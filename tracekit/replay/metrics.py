@@ -60,7 +60,7 @@ def metric_row(trace: str, policy: str, kind: str, capacity: int, r: ReplayResul
         "cpu_miss_share": _div(c["cpu_misses"], c["requests"] - c["hits"]),
         "split_misses": c["split_misses"],
         "split_miss_share": _div(c["split_misses"], c["requests"] - c["hits"]),
-        "cpu_ms_per_token": _ms(r.cpu_busy_s, tok),
+        "cpu_ms_per_token": _ms(r.decode_cpu_busy_s, tok),
         "expert_bytes": r.expert_bytes,
     }
 
