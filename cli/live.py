@@ -29,7 +29,7 @@ def live(
     out: Optional[str] = typer.Option(None, help="profile path for --calibrate"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing --out profile"),
     device: str = typer.Option("cuda", help="cuda (cpu only for tests: meaningless timings)"),
-    dry_run: bool = typer.Option(False, help="bookkeeping only (no GPU): counters as live/replay count them"),
+    dry_run: bool = typer.Option(False, help="with --trace: bookkeeping only (no GPU): counters as live/replay count them"),
     hybrid: bool = typer.Option(False, help="each miss is copied or computed on the host CPU, as replay's cost "
                                 "model (--profile, which needs cpu_ffn_ms) decides"),
     split: bool = typer.Option(False, help="with --hybrid: a layer's only miss is split between a "
@@ -63,6 +63,8 @@ def live(
         raise UserError("give --trace T (trace-driven), --model M (model-driven) or --calibrate --out FILE")
     if split and not hybrid:
         raise UserError("--split is a kind of --hybrid: pass both")
+    if dry_run and not trace:
+        raise UserError("--dry-run replays a trace's bookkeeping: it needs --trace T (model-driven mode runs the model)")
     if not dry_run and device.startswith("cuda"):
         from tracekit.live.session import need_cuda
 

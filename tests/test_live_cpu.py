@@ -180,6 +180,8 @@ def test_cli_refusals(capsys, tmp_path):
         assert code == 2 and needle in cap.err and cap.err.strip().count("\n") == 0, (args, cap.err)
     code, cap = _cli(["live", "--model", "tiny-mixtral", "--device", "cpu", "--capacity", "9"], capsys)
     assert code == 2 and "9 > 8 experts" in cap.err
+    code, cap = _cli(["live", "--model", "tiny-mixtral", "--device", "cpu", "--dry-run"], capsys)  # ran the model
+    assert code == 2 and "needs --trace" in cap.err and cap.err.strip().count("\n") == 0
 
 
 def test_cli_dry_run_json(capsys):

@@ -17,7 +17,7 @@ def need_cuda() -> None:
 
     if not torch.cuda.is_available():
         raise UserError(f"tracekit live needs a CUDA GPU, and torch {torch.__version__} sees none "
-                        "(torch.cuda.is_available() is False); --dry-run runs the bookkeeping alone")
+                        "(torch.cuda.is_available() is False); --trace T --dry-run runs a trace's bookkeeping alone")
 
 
 def shapes_from_config(cfg) -> Shapes:
