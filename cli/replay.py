@@ -23,7 +23,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 @app.command("replay")
 def replay(
-    traces: List[str] = typer.Argument(..., help="trace files (tracekit or long-format Parquet)"),
+    traces: List[str] = typer.Argument(..., help="trace files (tracekit or long-format Parquet), partial recordings (OUT.tmp), or synthetic:tokens=N,layers=L,..."),
     policy: str = typer.Option("all", "--policy", "-p", help="'all' or a comma list of policy names"),
     capacity: str = typer.Option("1,2,4", "--capacity", "-c", help="expert slots per layer, comma list"),
     profile: str = typer.Option("h100-pcie5", help="hardware profile: preset name or JSON file"),

@@ -8,7 +8,8 @@ residency, slots and the prefetch queue, and calls the policy at these points:
   on_insert(st, l, e, now)             e became resident at layer l (demand or prefetch)
   on_evict(st, l, e)                   e left layer l's cache
   victim(st, l, cand, n) -> e          pick an expert to evict among cand[:n] (int64 expert ids, in slot
-                                       order; ties must go to the LOWEST expert id)
+                                       order; ties broken deterministically, as the policy's
+                                       docstring says: lowest expert id unless stated otherwise)
   observe(st, l, ex, hid)              a token finished layer l with experts ex (int16[K]) and hidden hid (float32[D] or [0])
   predict(st, l, ex, hid, out) -> n    write n rows (dstep, layer, expert) into out (int64[M, 3]):
                                        "expert will be needed at layer `layer` of step+dstep" (dstep 0 or 1)
