@@ -53,16 +53,26 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except MemoryError:                       # numpy's too-large allocations too (a MemoryError subclass)
+        print("error: out of memory: this input needs more memory than this machine can give", file=sys.stderr)
+        sys.exit(1)
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
         usage, abort = _click_errors()
         if isinstance(exc, usage):
-            exc.show()                        # "Usage: ..." and one "Error: ..." line
+            print(f"error: {_usage_line(exc)}", file=sys.stderr)
             sys.exit(exc.exit_code)
         if isinstance(exc, abort):
             sys.exit(130)
         raise
+
+
+def _usage_line(exc) -> str:
+    # click's message and where to look, on one line (click's own show() prints four)
+    msg = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    return f"{msg} (see: {ctx.command_path if ctx is not None else 'tracekit'} --help)"
 
 
 def _click_errors() -> tuple[tuple, tuple]:

@@ -59,10 +59,18 @@ def live(
     P.get(policy)
     if calibrate:
         return _calibrate(out, force, cpu_threads, cpu_kernel)
+    for flag, given, why in (("--out", out, "is used only with --calibrate"),
+                             ("--prompts", prompts and trace, "is for model-driven mode (--model without --trace)"),
+                             ("--random-weights", random_weights and not model, "needs --model")):
+        if given:                             # an option that would be ignored silently
+            raise UserError(f"{flag} {why}")
     if not trace and not model:
         raise UserError("give --trace T (trace-driven), --model M (model-driven) or --calibrate --out FILE")
     if split and not hybrid:
         raise UserError("--split is a kind of --hybrid: pass both")
+    if trace and not dry_run and device == "cpu":
+        raise UserError("trace-driven live times copies with CUDA events: --device cpu needs --dry-run (or --model "
+                        "alone, model-driven)")
     if dry_run and not trace:
         raise UserError("--dry-run replays a trace's bookkeeping: it needs --trace T (model-driven mode runs the model)")
     if not dry_run and device.startswith("cuda"):

@@ -30,7 +30,7 @@ def record(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto' spreads the model over GPUs"),
     hidden: str = typer.Option("none", "--hidden", help="none | full | proj:N (seeded random projection)"),
-    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="keep only the first N layers"),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="keep only the model's first N layers (tiny models: build N layers, default 4)"),
     out: Optional[str] = typer.Option(None, "--out", help="output .parquet (default traces/<model>-<time>.parquet)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing --out"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),

@@ -42,6 +42,7 @@ def replay(
     force: bool = typer.Option(False, "--force", help="overwrite --out / --plot files"),
 ) -> None:
     """Score every policy offline: hit rate, transfers, bytes, stall and simulated tokens/s."""
+    import math
     import sys
 
     from rich.console import Console
@@ -49,7 +50,7 @@ def replay(
 
     from tracekit import policies
     from tracekit.errors import UserError
-    from tracekit.outfiles import check_new_file
+    from tracekit.outfiles import check_new_files
     from tracekit.replay import report
     from tracekit.replay.cost import load_profile
     from tracekit.replay.sweep import SweepConfig, load_plans, run_sweep
@@ -63,13 +64,11 @@ def replay(
         raise UserError("--cap must be >= 1")
     if depth < 0 or jobs < 0:
         raise UserError(f"--depth and --jobs must be >= 0 (0: the default), got {depth} and {jobs}")
-    if expert_mb is not None and not expert_mb > 0:
-        raise UserError(f"--expert-mb must be > 0, got {expert_mb:g}")
+    if expert_mb is not None and not (expert_mb > 0 and math.isfinite(expert_mb)):
+        raise UserError(f"--expert-mb must be a finite number > 0, got {expert_mb:g}")
     if split and not hybrid:
         raise UserError("--split is a kind of --hybrid: pass both")
-    for path in (out, plot):
-        if path:
-            check_new_file(path, force)
+    check_new_files({"--out": out, "--plot": plot}, traces, force)
     cfg = SweepConfig(policies=policies.parse(policy), capacities=_ints(capacity, "capacity"),
                       profile=load_profile(profile), cap=cap, depth=depth, token_steps=steps == "tokens",
                       expert_bytes=expert_mb * 1e6 if expert_mb else None, jobs=jobs, hybrid=hybrid,

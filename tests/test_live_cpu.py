@@ -182,6 +182,16 @@ def test_cli_refusals(capsys, tmp_path):
     assert code == 2 and "9 > 8 experts" in cap.err
     code, cap = _cli(["live", "--model", "tiny-mixtral", "--device", "cpu", "--dry-run"], capsys)  # ran the model
     assert code == 2 and "needs --trace" in cap.err and cap.err.strip().count("\n") == 0
+    for args, needle in [(["--out", "p.json"], "only with --calibrate"), (["--prompts", "p.txt"], "model-driven")]:
+        code, cap = _cli(["live", "--trace", "x.parquet", "--dry-run", *args], capsys)   # were ignored
+        assert code == 2 and needle in cap.err and cap.err.strip().count("\n") == 0
+    code, cap = _cli(["live", "--trace", "x.parquet", "--device", "cpu"], capsys)     # a torch RuntimeError
+    assert code == 2 and "needs --dry-run" in cap.err and cap.err.strip().count("\n") == 0
+    from tracekit.trace.native import TraceWriter
+
+    empty = TraceWriter(tmp_path / "empty.parquet", num_layers=32, num_experts=8, top_k=2, meta={}).close()
+    code, cap = _cli(["live", "--trace", str(empty), "--dry-run"], capsys)
+    assert code == 2 and "holds no tokens" in cap.err and cap.err.strip().count("\n") == 0
 
 
 def test_cli_dry_run_json(capsys):

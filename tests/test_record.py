@@ -290,6 +290,8 @@ def test_cli_record_errors_are_one_line(tmp_path, monkeypatch, capsys):
                          (["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "n.parquet")], "nope"),
                          (["--hidden", "proj:0", "--out", str(tmp_path / "h.parquet")], "proj:N"),
                          (["--num-layers", "0", "--out", str(tmp_path / "l.parquet")], "--num-layers must be >= 1"),
+                         (["--model", "mixtral", "--random-weights", "--num-layers", "40", "--out",  # built 40
+                           str(tmp_path / "l40.parquet")], "the model has 32 layers"),
                          (["--hidden", "proj:64", "--out", str(tmp_path / "p.parquet")], "use --hidden full"),
                          (["--device-map", "bogus", "--out", str(tmp_path / "d.parquet")], "expected one of auto"),
                          (["--device", "bogus", "--out", str(tmp_path / "v.parquet")], "expected cpu or cuda")]:
@@ -310,9 +312,11 @@ def test_cli_record_default_out_makes_traces_folder(tmp_path, monkeypatch, capsy
 
     monkeypatch.chdir(tmp_path)               # a folder without traces/: the default --out creates it
     try:
-        main(["record", "--max-new-tokens", "2", "--batch-size", "2", "--no-progress"])
+        main(["record", "--max-new-tokens", "2", "--batch-size", "2", "--progress"])
     except SystemExit as exc:
         assert not exc.code, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "recorded" in out and "generating" not in out      # the bar once went to stdout
     files = list((tmp_path / "traces").glob("tiny-mixtral-*.parquet"))
     assert len(files) == 1 and read_trace(files[0]).num_layers == 4
     with pytest.raises(SystemExit):           # a named --out in a missing folder is still refused

@@ -116,9 +116,14 @@ def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
     existing.write_bytes(b"precious")
     profiles = {"list": "[1, 2]", "missing": '{"h2d_GBps": 54}',     # a list ended in an AttributeError
                 "negative": '{"h2d_GBps": -5, "copy_overhead_us": 7, "expert_MB": 352, "attn_ms": 0.1}',
-                "ffn": '{"h2d_GBps": 54, "copy_overhead_us": 7, "expert_MB": 352, "attn_ms": 0.1, "ffn_ms": {"x": 1}}'}
+                "ffn": '{"h2d_GBps": 54, "copy_overhead_us": 7, "expert_MB": 352, "attn_ms": 0.1, "ffn_ms": {"x": 1}}',
+                "inf": '{"h2d_GBps": Infinity, "copy_overhead_us": 7, "expert_MB": 352, "attn_ms": 0.1}',
+                "chunks": '{"h2d_GBps": 54, "copy_overhead_us": 7, "expert_MB": 352, "attn_ms": 0.1, "chunks": 2.5}'}
     for name, text in profiles.items():
         (tmp_path / f"{name}.json").write_text(text)
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")     # these two ended in tracebacks
+    (tmp_path / "dir.json").mkdir()
+    profiles.update(binary=None, dir=None)
     cases = [("replay", "synthetic:tokens=50,layers=2", "--profile", tmp_path / f"{n}.json") for n in profiles] + [
         ("replay", tmp_path / "missing.parquet"),
         ("replay", foreign),
@@ -130,6 +135,10 @@ def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
         ("replay", "synthetic:tokens=50,layers=2", "--out", tmp_path, "--force"),     # a folder
         ("replay", "synthetic:tokens=50,layers=2", "--plot", str(tmp_path / "new") + "/"),
         ("replay", "synthetic:tokens=50,layers=2", "--expert-mb", "-5"),
+        ("replay", "synthetic:tokens=50,layers=2", "--expert-mb", "inf"),     # printed Infinity, not JSON
+        ("replay", "synthetic:tokens=50,layers=2", "--policy", ","),           # ran no policy
+        ("replay", foreign, "--out", foreign, "--force"),                      # an input, even with --force
+        ("replay", "synthetic:tokens=50,layers=2", "--out", tmp_path / "o", "--plot", tmp_path / "o"),
         ("replay", "synthetic:tokens=50,layers=2", "--jobs", "-3"),
         ("replay", "synthetic:tokens=50,layers=2", "--depth", "-1"),
         ("replay", "synthetic:tokens=0"),                      # ran, with empty rows
@@ -143,7 +152,8 @@ def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
         lines = [x for x in r.stderr.splitlines() if x.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:"), (args, r.stderr)
         assert "Traceback" not in r.stderr
-    assert existing.read_bytes() == b"precious"
+    assert existing.read_bytes() == b"precious" and not (tmp_path / "o").exists()
+    assert pq.read_table(foreign).column_names == ["a"]
     assert "a directory of 3 Parquet file(s), not a trace" in r.stderr
 
 
@@ -352,7 +362,9 @@ def test_usage_errors_print_usage_not_a_traceback():
         r = run_cli(*args)
         assert r.returncode == 2, (args, r.returncode)
         assert "Traceback" not in r.stderr, (args, r.stderr)
-        assert "Error: " in r.stderr or (not args and "Usage: " in r.stdout + r.stderr), (args, r.stderr)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert (len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0]) or \
+            (not args and "Usage: " in r.stdout + r.stderr), (args, r.stderr)
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == run_cli("version").stdout.strip() != ""
 

@@ -25,6 +25,23 @@ def check_new_file(path: str | os.PathLike, force: bool) -> str:
     return path
 
 
+def check_new_files(paths: dict[str, str | None], inputs: list[str], force: bool) -> None:
+    """check_new_file for each named output ({"--out": path, ...}; None: not asked for), and that no two
+    name one file and none names an input (which --force must not overwrite either)."""
+    seen: dict[str, str] = {}
+    ins = {os.path.realpath(p) for p in inputs if os.path.exists(p)}
+    for flag, path in paths.items():
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f"{path}: {seen[real]} and {flag} name the same file; give each its own")
+        if real in ins:
+            raise UserError(f"{path}: {flag} names one of the input files; refusing to overwrite it")
+        seen[real] = flag
+        check_new_file(path, force)
+
+
 def write_atomically(path: str, tmp: str, write: Callable[[str], object]) -> None:
     """write(tmp), then rename it onto path. A failure (unwritable place, full disk) is one error line
     and leaves neither a half-written file nor the old one damaged."""

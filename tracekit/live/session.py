@@ -35,6 +35,8 @@ def prepare(trace_path: str, layers: int | None, max_tokens: int | None, shapes:
     tr = read_trace(trace_path)
     if not tr.complete:
         log(f"note: {trace_path} is {INCOMPLETE}")
+    if tr.num_tokens == 0:
+        raise UserError(f"{trace_path}: the trace holds no tokens; nothing to run")
     check_shape(tr, shapes.L, shapes.E, f"the model ({shapes.L} layers x {shapes.E} experts)")
     if layers and layers > tr.num_layers:
         raise UserError(f"--layers {layers} > the trace's {tr.num_layers} layers")

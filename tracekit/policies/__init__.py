@@ -34,6 +34,8 @@ def parse(spec: str) -> list[str]:
     for n in (s.strip() for s in spec.split(",")):
         if n:
             out += names() if n == "all" else [get(n).name]
+    if not out:
+        raise UserError(f"--policy {spec!r} names no policy; give 'all' or names from: {', '.join(names())}")
     return list(dict.fromkeys(out))
 
 

@@ -128,6 +128,8 @@ def load_model(name: str = "tiny-mixtral", device: str = "cpu", dtype: str = "au
         except (OSError, ValueError) as exc:
             raise UserError(f"{path}: cannot read the model config ({str(exc).splitlines()[0]})") from None
     if num_layers and kind != "tiny":
+        if num_layers > config.num_hidden_layers:
+            raise UserError(f"--num-layers {num_layers}: the model has {config.num_hidden_layers} layers")
         config.num_hidden_layers = int(num_layers)
     adapter = adapter_for(config)
     tokenizer, tok_kind = _tokenizer(path, config)

@@ -22,7 +22,7 @@ def load_prompts(path: str | os.PathLike | None) -> tuple[list[str], str]:
         return builtin_prompts(), BUILTIN
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such prompts file")
+        raise UserError(f"{path}: {'a folder, not a prompts file' if os.path.isdir(path) else 'no such prompts file'}")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

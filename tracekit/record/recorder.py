@@ -204,11 +204,12 @@ class _Bar:
 
     def __enter__(self):
         if self.enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[tps]:>8.1f} tok/s"), TimeElapsedColumn(),
-                                     transient=False)
+                                     transient=False, console=Console(stderr=True))
             self.progress.__enter__()
             self.task = self.progress.add_task("gen", total=self.total, tps=0.0)
         return self

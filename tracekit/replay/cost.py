@@ -25,6 +25,7 @@ The result is a breakdown (stall, compute, copy busy, bytes), not one number.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import MISSING, dataclass, field
 from importlib import resources
@@ -100,7 +101,12 @@ def preset_names() -> list[str]:
 
 def load_profile(name_or_path: str) -> Profile:
     if os.path.exists(name_or_path):
-        text = open(name_or_path).read()
+        try:
+            with open(name_or_path, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:      # a directory, a binary file, unreadable
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise UserError(f"{name_or_path}: cannot read a hardware profile from it ({why})") from None
     else:
         root = resources.files("tracekit.replay") / "profiles"
         f = root / f"{name_or_path}.json"
@@ -133,12 +139,15 @@ def _check_profile(where: str, p: Profile) -> None:
                             ("attn_ms", 0, False), ("attn_ms_per_token", 0, False), ("chunks", 1, False),
                             ("act_copy_us", 0, False), ("contention_copy", 0, True), ("contention_cpu", 0, True)):
         v = getattr(p, key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < lo or (strict and v == lo):
-            raise bad(f"{key} must be a number {'>' if strict else '>='} {lo}, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or \
+                (strict and v == lo) or (key == "chunks" and v != int(v)):
+            kind = "a whole number" if key == "chunks" else "a finite number"
+            raise bad(f"{key} must be {kind} {'>' if strict else '>='} {lo}, got {v!r}")
     for key in ("ffn_ms", "cpu_ffn_ms"):
         table = getattr(p, key)
         try:
-            ok = isinstance(table, dict) and all(float(k) >= 1 and float(v) > 0 for k, v in table.items())
+            ok = isinstance(table, dict) and all(math.isfinite(float(k)) and math.isfinite(float(v)) and
+                                                 float(k) >= 1 and float(v) > 0 for k, v in table.items())
         except (TypeError, ValueError):
             ok = False
         if not ok or (key == "ffn_ms" and not table):
