@@ -87,8 +87,10 @@ def replay(
         task = bar.add_task("replay", total=total)
         rows = run_sweep(plans, cfg, on_done=lambda _r: bar.advance(task))
     for trace in report.traces_without_decode(rows):
-        print(f"note: {trace} has no decode steps, so its decode metrics are undefined (- / null); "
-              "--steps tokens counts every token as a decode step (teacher-forced traces)", file=sys.stderr)
+        hint = ("" if cfg.token_steps else
+                "; --steps tokens counts every token as a decode step (teacher-forced traces)")
+        print(f"note: {trace} has no decode steps, so its decode metrics are undefined (- / null){hint}",
+              file=sys.stderr)
     if fmt == "table":
         report.render_table(rows, cfg.profile.name)
     elif fmt == "json":
