@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -220,23 +221,35 @@ LONG = dict(seq_id=[0, 0, 0, 0], token_idx=[0, 0, 1, 1], layer=[0, 0, 0, 0], exp
             weight=[.5, .5, .5, .5], phase=[1, 1, 1, 1])
 
 
-@pytest.mark.parametrize("change, needle", [
-    (dict(expert=[-1, 2, 3, 4]), "negative layer, expert or rank"),
-    (dict(phase=[7, 7, 7, 7]), "phase must be 0 (prefill) or 1 (decode)"),       # was read as prefill
-    (dict(expert=["a", "b", "c", "d"]), "column expert holds string"),         # was a ValueError traceback
-    (dict(expert=[1.0, 2.0, 3.0, 4.0]), "column expert holds double"),
-    (dict(token_idx=[0, None, 1, 1]), "column token_idx has missing"),
-    (dict(expert=[1, 2, 3, 100000]), "at most 32767"),                       # int16 ids wrapped: a row was lost
-    ({k: pa.array([], pa.int64()) for k in LONG}, "no rows"),
+@pytest.mark.parametrize("change, md, needle", [
+    (dict(expert=[-1, 2, 3, 4]), None, "expert -1 at row 0 is outside 0..4"),
+    (dict(layer=[0, 0, 0, -2]), None, "layer -2 at row 3 is outside 0..0"),
+    (dict(phase=[7, 7, 7, 7]), None, "phase must be 0 (prefill) or 1 (decode)"),       # was read as prefill
+    (dict(expert=["a", "b", "c", "d"]), None, "column expert holds string"),         # was a ValueError traceback
+    (dict(expert=[1.0, 2.0, 3.0, 4.0]), None, "column expert holds double"),
+    (dict(token_idx=[0, None, 1, 1]), None, "column token_idx has missing"),
+    (dict(token_idx=[0, 0, 1, 2**40]), None, "token_idx 1099511627776 at row 3 is outside"),   # int32 wrap
+    (dict(expert=[1, 2, 3, 100000]), None, "at most 32767"),                   # int16 ids wrapped: a row was lost
+    ({k: pa.array([], pa.int64()) for k in LONG}, None, "no rows"),
+    # metadata must describe the data; a huge top_k / num_layers once asked for petabytes
+    ({}, {"num_experts": "4"}, "expert 4 at row 3 is outside 0..3 (metadata num_experts 4)"),
+    ({}, {"num_experts": "4", "top_k": "1000000000"}, "top_k 1000000000 exceeds num_experts 4"),
+    ({}, {"num_layers": "1000000000"}, "metadata num_layers 1000000000 contradicts the data: no row has layer"),
+    ({}, {"top_k": "3"}, "metadata top_k 3 contradicts the data: no row has rank 2 (the highest is 1"),
+    ({}, {"num_layers": "1e9"}, "metadata num_layers '1e9' is not an integer"),
+    ({}, {"top_k": "0"}, "metadata top_k 0 must be >= 1"),
+    (dict(layer=[0, 0, 0, 2**40]), None, "tokens 2 x layers 1099511627777 x top_k 2 = .* entries; tracekit holds at most"),
+    (dict(token_idx=[0, 0, 0, 0]), None, "row 2 repeats seq_id 0, phase 1, token_idx 0, layer 0, rank 0 of an earlier row"),
+    (dict(weight=[.5, float("nan"), .5, .5]), None, "weight nan at row 1 is not a finite number"),
 ])
-def test_long_format_values_are_checked(tmp_path, change, needle):
+def test_long_format_values_are_checked(tmp_path, change, md, needle):
     f = tmp_path / "t.parquet"
-    pq.write_table(pa.table({**LONG, **change}), f)
+    pq.write_table(pa.table({**LONG, **change}).replace_schema_metadata(md), f)
     with pytest.raises(UserError, match="t.parquet: .*" + needle.replace("(", r"\(").replace(")", r"\)")):
         read_trace(f)
-    pq.write_table(pa.table(LONG), f)
+    pq.write_table(pa.table(LONG).replace_schema_metadata({"num_layers": "1", "num_experts": "9", "top_k": "2"}), f)
     t = read_trace(f)
-    assert t.num_experts == 5 and t.experts.shape == (2, 1, 2) and (t.phase == 1).all()
+    assert t.num_experts == 9 and t.experts.shape == (2, 1, 2) and (t.phase == 1).all()
 
 
 def test_bad_bytes_per_expert_metadata_is_one_error_unless_overridden(tmp_path):
@@ -253,3 +266,114 @@ def test_bad_bytes_per_expert_metadata_is_one_error_unless_overridden(tmp_path):
         assert row["bytes_per_token"] > 0 and row["bytes_per_token"] % 100e6 == 0
     pq.write_table(pa.table(LONG).replace_schema_metadata({"bytes_per_expert": "3.5e8"}), f)
     assert read_trace(f).expert_bytes == 350_000_000
+
+
+def _write(out, rows: dict, finish: bool = True) -> str:
+    """A finished trace, or (finish=False) a partial recording whose one part is flushed."""
+    w = _writer(out, flush_rows=1)
+    w.append(rows)
+    return w.close() if finish else str(out)
+
+
+def _good(tmp_path) -> str:
+    return _write(tmp_path / "g.parquet", _rows(np.random.default_rng(8), 0, 2))
+
+
+@pytest.mark.parametrize("finish", [True, False])
+@pytest.mark.parametrize("bad", [99, 8, -5])             # 99 made replay and live --dry-run segfault
+def test_expert_ids_outside_range_refused(tmp_path, bad, finish):
+    rows = _rows(np.random.default_rng(7), 0, 3)
+    rows["experts"][0, 0] = (-1, E - 1)                 # a missing slot and the highest id are fine
+    np.testing.assert_array_equal(read_trace(_write(tmp_path / "good.parquet", rows, finish)).experts, rows["experts"])
+    rows["experts"][1, 2, 1] = bad
+    with pytest.raises(UserError, match=rf"t\.parquet(\.tmp)?: expert id {bad} at row 1, layer 2, rank 1 is outside -1\.\.7"):
+        read_trace(_write(tmp_path / "t.parquet", rows, finish))
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    (S.KEY_HEADER, "[1, 2]", "tracekit header is an array, not a JSON object"),     # were AttributeErrors
+    (S.KEY_HEADER, "null", "tracekit header is null, not a JSON object"),
+    (S.KEY_META, "5", "tracekit meta is a number, not a JSON object"),
+    (S.KEY_META, '{"model": 5}', "tracekit meta model is 5, not a string"),
+    (S.KEY_HEADER, {"hidden_dim": "abc"}, "hidden_dim is 'abc'; it must be null or an integer >= 0"),  # TypeError
+    (S.KEY_HEADER, {"num_layers": "3"}, "num_layers is '3'; it must be an integer >= 1"),
+    (S.KEY_HEADER, {"num_layers": 0}, "num_layers is 0; it must be an integer >= 1"),
+    (S.KEY_HEADER, {"num_experts": True}, "num_experts is True; it must be an integer >= 1"),
+    (S.KEY_HEADER, {"top_k": 9}, "top_k is 9; it must be at most num_experts \\(8\\)"),
+    (S.KEY_HEADER, {"num_layers": 10**12}, "make a row wider than Arrow allows"),   # was an OverflowError
+    (S.KEY_HEADER, {"hidden_kind": "proj:x"}, "hidden_kind is 'proj:x'; it must be 'none', 'full' or 'proj:N'"),
+    (S.KEY_HEADER, {"with_logits": "yes"}, "with_logits is 'yes'; it must be true or false"),
+    (S.KEY_ROUTER, S.encode_array(np.zeros((2, 2, 2), np.float32)), r"router weights have shape \(2, 2, 2\)"),
+])
+def test_bad_native_metadata_refused(tmp_path, key, value, needle):
+    good = _good(tmp_path)
+    if isinstance(value, dict):
+        value = json.dumps({**json.loads(pq.read_schema(good).metadata[S.KEY_HEADER.encode()]), **value})
+    _rewrite_meta(good, tmp_path / "bad.parquet", **{key: value})
+    with pytest.raises(UserError, match="bad.parquet: .*" + needle):
+        read_trace(tmp_path / "bad.parquet")
+
+
+def test_null_values_in_native_columns_refused(tmp_path):
+    table = pq.read_table(_good(tmp_path))
+    values = pa.array([1, None] + [0] * (2 * L * K - 2), pa.int16())
+    bad = table.set_column(table.schema.get_field_index("experts"), table.schema.field("experts"),
+                           pa.FixedSizeListArray.from_arrays(values, L * K))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match="bad.parquet: column 'experts' has missing"):
+        read_trace(tmp_path / "bad.parquet")
+
+
+@pytest.mark.parametrize("make, needle", [          # make(good header) -> meta.json's content
+    (lambda h: [1, 2], "meta.json is not a JSON object with a header"),             # was a TypeError
+    (lambda h: {"header": [1, 2]}, "tracekit header is an array, not a JSON object"),  # was an AttributeError
+    (lambda h: {"header": h, "meta": None}, "tracekit meta is null, not a JSON object"),
+    (lambda h: {"header": {**h, "top_k": "2"}}, "tracekit header top_k is '2'; it must be an integer >= 1"),
+])
+def test_bad_partial_meta_json_refused(tmp_path, make, needle):
+    tmp = tmp_path / "p.parquet.tmp"
+    _writer(tmp_path / "p.parquet")
+    (tmp / S.TMP_META).write_text(json.dumps(make(json.loads((tmp / S.TMP_META).read_text())["header"])))
+    with pytest.raises(UserError, match="p.parquet.tmp: " + needle):
+        read_trace(tmp)
+
+
+def test_partial_paths_that_are_not_recordings(tmp_path):
+    (tmp_path / "f.tmp").write_text("x")
+    (tmp_path / "d").mkdir()
+    for path, needle in [("f.tmp", "a file, not a partial recording"), ("d", "not a tracekit partial recording"),
+                         ("gone.tmp", "no such partial recording directory")]:
+        with pytest.raises(UserError, match=f"{path}: {needle}"):
+            read_trace(tmp_path / path)
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("tokens=100000000000,layers=100000", r"= 20000000000000000 entries; tracekit holds at most 2\*\*31"),  # MemoryError
+    ("tokens=10,hidden_dim=1000000000", r"hidden_dim 1000000000 = 40000000000 entries"),
+    ("seed=99999999999999999999", r"seed must be in 0\.\.2\*\*32-1"),               # was 'Int value is too large'
+    ("tokens=10,tokens=20", "key 'tokens' is given twice"),                         # silently took the last
+    ("tokens=1e3", "tokens wants an integer, got '1e3'"),
+    ("stickiness=x", "stickiness wants a number"),
+])
+def test_bad_synthetic_specs_refused(spec, needle):
+    with pytest.raises(UserError, match=needle):
+        read_trace("synthetic:" + spec)
+    assert read_trace("synthetic:tokens=5,seed=4294967295").experts.shape == (5, 4, 2)
+
+
+def test_expert_id_error_is_one_line_from_the_cli(tmp_path):
+    rows = _rows(np.random.default_rng(9), 0, 2)
+    rows["experts"][0, 0, 0] = 99
+    p = subprocess.run([sys.executable, "-m", "tracekit.cli", "replay", _write(tmp_path / "t.parquet", rows),
+                        "-p", "lru", "-c", "2"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert "expert id 99 at row 0, layer 0, rank 0" in p.stderr
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("/work/shared/traces/*.parquet")) or ["missing"])
+def test_shared_long_format_traces_still_read(path):
+    if path == "missing":
+        pytest.skip("../shared/traces not present")
+    t = read_trace(path)
+    md = pq.read_schema(path).metadata
+    assert (t.num_layers, t.num_experts, t.top_k) == tuple(int(md[k]) for k in (b"num_layers", b"num_experts", b"top_k"))

@@ -12,6 +12,7 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 MAX_EXPERTS = int(np.iinfo(np.int16).max)    # expert ids are kept as int16
+MAX_ENTRIES = 2**31                          # most entries of a dense [tokens, layers, top_k] array
 INCOMPLETE = "an incomplete recording (killed mid-way): its flushed rows only"   # replay's and live's note
 PHASE_PREFILL = 0
 PHASE_DECODE = 1

@@ -22,6 +22,7 @@ from tracekit.errors import UserError
 from tracekit.outfiles import check_new_file
 from tracekit.trace import schema as S
 from tracekit.trace.core import SCHEMA_VERSION, Trace
+from tracekit.trace.validate import check_header, check_meta, check_range, check_router
 
 
 def check_out_path(out: str | os.PathLike, force: bool) -> str:
@@ -180,17 +181,6 @@ def _parts(tmpdir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(tmpdir, S.PART_GLOB)))
 
 
-def _check_header(path: str, header: dict) -> None:
-    v = header.get("schema_version")
-    if not isinstance(v, int):
-        raise UserError(f"{path}: tracekit metadata has no schema version")
-    if v > SCHEMA_VERSION:
-        raise UserError(f"{path}: schema version {v} is newer than this tracekit ({SCHEMA_VERSION}); upgrade tracekit")
-    for k in ("num_layers", "num_experts", "top_k"):
-        if not isinstance(header.get(k), int) or header[k] <= 0:
-            raise UserError(f"{path}: tracekit metadata lacks a valid {k}")
-
-
 def _trace_from_table(path: str, table: pa.Table, header: dict, meta: dict, router, complete: bool,
                       load_hidden: bool) -> Trace:
     L, E, K = header["num_layers"], header["num_experts"], header["top_k"]
@@ -202,15 +192,23 @@ def _trace_from_table(path: str, table: pa.Table, header: dict, meta: dict, rout
         if f.name not in table.schema.names or not table.schema.field(f.name).type.equals(f.type):
             raise UserError(f"{path}: column {f.name!r} is missing or has the wrong type for schema "
                             f"version {SCHEMA_VERSION}")
+    for c in table.column_names:
+        col = table.column(c)
+        if col.null_count or (pa.types.is_fixed_size_list(col.type)
+                              and sum(ch.flatten().null_count for ch in col.chunks)):
+            raise UserError(f"{path}: column {c!r} has missing (null) values")
+    if router is not None:
+        check_router(path, router, L, E, header.get("hidden_kind", "none"), D)
     base = {c: table.column(c).to_numpy() for c in S.BASE_COLUMNS}
+    experts = S.list_column(table, "experts", K, np.int16)
+    check_range(path, "expert id", experts, -1, E, lambda i: f"row {i[0]}, layer {i[1]}, rank {i[2]}")
     logits = S.list_column(table, "logits", E, np.float32) if "logits" in expected.names else None
     hidden = S.blob_column(table, "hidden", D) if (D and load_hidden) else None
     return Trace(
         path=path, format="tracekit", complete=complete, num_layers=L, num_experts=E, top_k=K,
         seq_id=base["seq_id"].astype(np.int32), step=base["step"].astype(np.int32),
         phase=base["phase"].astype(np.int8), position=base["position"].astype(np.int32),
-        token_id=base["token_id"].astype(np.int32),
-        experts=S.list_column(table, "experts", K, np.int16),
+        token_id=base["token_id"].astype(np.int32), experts=experts,
         weights=S.list_column(table, "weights", K, np.float32),
         logits=logits, hidden=hidden, router=router,
         hidden_kind=header.get("hidden_kind", "none"), hidden_proj_seed=header.get("hidden_proj_seed"),
@@ -230,11 +228,12 @@ def read_native(path: str, load_hidden: bool = True) -> Trace:
         md = {k.decode(): v.decode() for k, v in raw.items() if k != b"ARROW:schema"}
         header = json.loads(md[S.KEY_HEADER])
         meta = json.loads(md.get(S.KEY_META, "{}"))
-    except (KeyError, json.JSONDecodeError, UnicodeDecodeError):
+    except (KeyError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise UserError(f"{path}: tracekit metadata is missing or unreadable") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
-    _check_header(path, header)
+    check_header(path, header)
+    check_meta(path, meta)
     router = None
     if S.KEY_ROUTER in md:
         try:
@@ -251,20 +250,25 @@ def read_native(path: str, load_hidden: bool = True) -> Trace:
 
 def read_partial(path: str, load_hidden: bool = True) -> Trace:
     """Read OUT.tmp/ (a recording in progress or killed): every flushed part, complete=False."""
-    tmpdir = path if os.path.isdir(path) else path
+    tmpdir = path
     if not os.path.isdir(tmpdir):
+        if os.path.exists(tmpdir):
+            raise UserError(f"{path}: a file, not a partial recording (a directory X.tmp/ with meta.json and parts)")
         raise UserError(f"{path}: no such partial recording directory")
     try:
         with open(os.path.join(tmpdir, S.TMP_META)) as f:
             info = json.load(f)
         header, meta = info["header"], info.get("meta", {})
-    except (OSError, KeyError, json.JSONDecodeError):
+    except (TypeError, AttributeError):       # valid JSON, but not {"header": ..., "meta": ...}
+        raise UserError(f"{path}: {S.TMP_META} is not a JSON object with a header") from None
+    except (OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         files = sorted(f for f in os.listdir(tmpdir) if f.endswith(".parquet"))
         if files and not _parts(tmpdir):      # Parquet files, but none a recording's part
             raise UserError(f"{path}: a directory of {len(files)} Parquet file(s), not a trace; pass the files "
                             f"themselves (e.g. {os.path.join(path, '*.parquet')})") from None
         raise UserError(f"{path}: not a tracekit partial recording (meta.json missing or unreadable)") from None
-    _check_header(path, header)
+    check_header(path, header)
+    check_meta(path, meta)
     router = None
     rpath = os.path.join(tmpdir, S.TMP_ROUTER)
     if os.path.exists(rpath):

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from tracekit.errors import UserError
 from tracekit.trace.core import MAX_EXPERTS, Trace
 from tracekit.trace.longformat import is_long_format, trace_from_long
+from tracekit.trace.validate import check_entries
 
 NATIVE_KEY = b"tracekit.schema_version"
 
@@ -71,10 +72,13 @@ def _synthetic(spec: str) -> Trace:
         key, _, val = item.partition("=")
         if key not in allowed:
             raise UserError(f"{spec}: unknown synthetic trace key {key!r}; known: {', '.join(sorted(allowed))}")
+        if key in kw:
+            raise UserError(f"{spec}: synthetic trace key {key!r} is given twice")
         try:
             kw[key] = float(val) if key == "stickiness" else int(val)
         except ValueError:
-            raise UserError(f"{spec}: {key} wants a number, got {val!r}") from None
+            raise UserError(f"{spec}: {key} wants {'a number' if key == 'stickiness' else 'an integer'}, "
+                            f"got {val!r}") from None
     import inspect
 
     v = {k: p.default for k, p in inspect.signature(synthetic_trace).parameters.items()} | kw
@@ -82,8 +86,14 @@ def _synthetic(spec: str) -> Trace:
                           ("experts", 1 <= v["experts"] <= MAX_EXPERTS, f"in 1..{MAX_EXPERTS}"),
                           ("top_k", 1 <= v["top_k"] <= v["experts"], f"in 1..experts ({v['experts']})"),
                           ("prefill", 0 <= v["prefill"] <= v["tokens"], f"in 0..tokens ({v['tokens']})"),
-                          ("hidden_dim", v["hidden_dim"] >= 0, ">= 0"), ("seed", v["seed"] >= 0, ">= 0"),
+                          ("hidden_dim", v["hidden_dim"] >= 0, ">= 0"),
+                          ("seed", 0 <= v["seed"] < 2**32, "in 0..2**32-1 (numpy's seed range)"),
                           ("stickiness", 0 <= v["stickiness"] <= 1, "in 0..1")):
         if not ok:
             raise UserError(f"{spec}: {key} must be {want}, got {v[key]}")
+    T, L, E, K, D = v["tokens"], v["layers"], v["experts"], v["top_k"], v["hidden_dim"]
+    check_entries(spec, tokens=T, layers=L, top_k=K)
+    if D:
+        check_entries(spec, tokens=T, layers=L, hidden_dim=D)
+        check_entries(spec, layers=L, experts=E, hidden_dim=D)
     return synthetic_trace(**kw)
