@@ -124,7 +124,7 @@ def throughput(tokens: int, only: list[str] | None = None, hidden_dim: int = 64,
         print(f"bare LRU loop   {rate / 1e6:7.2f} M req/s", flush=True)
     if only and not {"trajectory", "gate-lookahead"} & set(only):
         return out
-    trh = synthetic_trace(tokens=hidden_tokens or tokens // 10, layers=32, experts=experts, top_k=top_k, seed=0,
+    trh = synthetic_trace(tokens=hidden_tokens or tokens, layers=32, experts=experts, top_k=top_k, seed=0,
                           hidden_dim=hidden_dim, with_router=True, stickiness=stickiness)
     plan_h = build_plan(trh)
     for name in ("trajectory", "gate-lookahead"):
@@ -167,7 +167,7 @@ def main() -> int:
     ap.add_argument("--sweep-tokens", type=int, default=1_000_000, help="whole-sweep trace tokens (0: skip)")
     ap.add_argument("--policies", default="", help="comma-separated subset (default: all)")
     ap.add_argument("--hidden-dim", type=int, default=64, help="hidden size of trajectory's and gate-lookahead's trace")
-    ap.add_argument("--hidden-tokens", type=int, default=0, help="tokens of that trace (default: --tokens / 10)")
+    ap.add_argument("--hidden-tokens", type=int, default=0, help="tokens of that trace (default: --tokens, the same ~10M requests)")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--capacity", type=int, default=2)
