@@ -68,6 +68,10 @@ def live(
         raise UserError("give --trace T (trace-driven), --model M (model-driven) or --calibrate --out FILE")
     if split and not hybrid:
         raise UserError("--split is a kind of --hybrid: pass both")
+    if hybrid:
+        from tracekit.replay.cost import hybrid_profile
+
+        hybrid_profile(profile)               # before pinning anything
     if trace and not dry_run and device == "cpu":
         raise UserError("trace-driven live times copies with CUDA events: --device cpu needs --dry-run (or --model "
                         "alone, model-driven)")

@@ -52,7 +52,7 @@ def replay(
     from tracekit.errors import UserError
     from tracekit.outfiles import check_new_files
     from tracekit.replay import report
-    from tracekit.replay.cost import load_profile
+    from tracekit.replay.cost import hybrid_profile, load_profile
     from tracekit.replay.sweep import SweepConfig, load_plans, run_sweep
     from tracekit.trace.core import INCOMPLETE
 
@@ -70,7 +70,7 @@ def replay(
         raise UserError("--split is a kind of --hybrid: pass both")
     check_new_files({"--out": out, "--plot": plot}, traces, force)
     cfg = SweepConfig(policies=policies.parse(policy), capacities=_ints(capacity, "capacity"),
-                      profile=load_profile(profile), cap=cap, depth=depth, token_steps=steps == "tokens",
+                      profile=hybrid_profile(profile) if hybrid else load_profile(profile), cap=cap, depth=depth, token_steps=steps == "tokens",
                       expert_bytes=expert_mb * 1e6 if expert_mb else None, jobs=jobs, hybrid=hybrid,
                       split=split)
     err = Console(stderr=True)

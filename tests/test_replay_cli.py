@@ -153,6 +153,10 @@ def test_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:"), (args, r.stderr)
         assert "Traceback" not in r.stderr
     assert existing.read_bytes() == b"precious" and not (tmp_path / "o").exists()
+    (tmp_path / "nocpu.json").write_text('{"name": "h100-pcie5", "h2d_GBps": 54, "copy_overhead_us": 7, '
+                                         '"expert_MB": 352, "attn_ms": 0.1}')
+    r2 = run_cli("replay", "synthetic:tokens=50,layers=2", "--hybrid", "--profile", tmp_path / "nocpu.json")
+    assert r2.returncode == 2 and "nocpu.json: no cpu_ffn_ms table" in r2.stderr   # named the name inside
     assert pq.read_table(foreign).column_names == ["a"]
     assert "a directory of 3 Parquet file(s), not a trace" in r.stderr
 

@@ -130,6 +130,16 @@ def load_profile(name_or_path: str) -> Profile:
     return p
 
 
+def hybrid_profile(given: str) -> Profile:
+    """--profile GIVEN for --hybrid: loaded, and refused (naming GIVEN, not the name inside the file)
+    when it has no cpu_ffn_ms table, before any work starts."""
+    p = load_profile(given)
+    if not p.cpu_ffn_ms:
+        raise UserError(f"--profile {given}: no cpu_ffn_ms table, which --hybrid needs (tracekit live --calibrate "
+                        f"--out FILE measures one)")
+    return p
+
+
 def _check_profile(where: str, p: Profile) -> None:
     # every figure a number in range, and the FFN tables {tokens: ms} with positive entries
     def bad(why: str):
