@@ -370,7 +370,8 @@ def test_expert_id_error_is_one_line_from_the_cli(tmp_path):
     assert "expert id 99 at row 0, layer 0, rank 0" in p.stderr
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob("/work/shared/traces/*.parquet")) or ["missing"])
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                              "traces", "*.parquet"))) or ["missing"])
 def test_shared_long_format_traces_still_read(path):
     if path == "missing":
         pytest.skip("../shared/traces not present")
