@@ -56,9 +56,11 @@ def record(
                       dtype=dtype, device=device, device_map=device_map, hidden=hidden,
                       random_weights=random_weights, num_layers=num_layers, force=force, progress=progress)
     except KeyboardInterrupt:
-        if os.path.isdir(tmp):
-            raise UserError(f"interrupted; the partial trace is kept in {tmp} (tracekit inspect {tmp})") from None
-        raise
+        msg = f"interrupted; the partial trace is kept in {tmp} (tracekit inspect {tmp})" \
+            if os.path.isdir(tmp) else "interrupted"
+        err = UserError(msg)
+        err.exit_code = 130                   # as anywhere else a run is interrupted
+        raise err from None
     con = Console(soft_wrap=True)
     gen = s["generate_s"]
     con.print(f"[bold]recorded[/bold] {s['out']}")

@@ -285,7 +285,21 @@ def test_cli_record_errors_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     existing = tmp_path / "x.parquet"
     existing.write_bytes(b"keep me")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("keep these prompts\n")
+    (tmp_path / "long.txt").write_text("word " * 3000)                # 15,000 byte tokens (and BOS)
+    for name, cfg in (("k6", {"num_experts_per_tok": 6, "num_local_experts": 4}),
+                      ("heads", {"num_attention_heads": 5, "num_key_value_heads": 2})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "mixtral", **cfg}))
     for args, needle in [(["--out", str(existing)], "already exists"),
+                         (["--prompts", str(prompts), "--out", str(prompts), "--force"], "names the prompts file"),
+                         (["--prompts", str(tmp_path / "long.txt"), "--out", str(tmp_path / "lp.parquet")],
+                          "15001 tokens; with --max-new-tokens 32 that exceeds the model's context of 2048"),
+                         (["--model", str(tmp_path / "k6"), "--random-weights", "--out", str(tmp_path / "k.parquet")],
+                          "num_experts_per_tok 6 must be in 1..4"),      # tracebacks mid-recording, a .tmp left
+                         (["--model", str(tmp_path / "heads"), "--random-weights", "--out", str(tmp_path / "h.parquet")],
+                          "5 attention heads and 2 key/value heads do not divide"),
                          (["--model", "mixtral", "--out", str(tmp_path / "m.parquet")], "--random-weights"),
                          (["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "n.parquet")], "nope"),
                          (["--hidden", "proj:0", "--out", str(tmp_path / "h.parquet")], "proj:N"),
@@ -300,8 +314,14 @@ def test_cli_record_errors_are_one_line(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert ei.value.code != 0 and needle in err and err.startswith("error: "), err
         assert err.strip().count("\n") == 0 and "Traceback" not in err
-    assert existing.read_bytes() == b"keep me"
+    assert existing.read_bytes() == b"keep me" and prompts.read_text() == "keep these prompts\n"
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    from tracekit.live import store  # the kernel killed it, silently
+    monkeypatch.setattr(store, "host_ram_available", lambda: 10**6)
+    with pytest.raises(SystemExit):
+        main(["record", "--out", str(tmp_path / "m.parquet")])
+    err = capsys.readouterr().err
+    assert err.startswith("error: the model's weights need") and err.count("\n") == 1, err
     assert not (tmp_path / "l.parquet").exists()               # --num-layers 0 once recorded 4 layers
     assert not (tmp_path / "p.parquet").exists()               # proj:64 of tiny's 64 dims once recorded
 

@@ -38,6 +38,18 @@ class MoEAdapter:
         # gate, up and down projections: 3 matrices of hidden x intermediate
         return 3 * int(config.hidden_size) * self.intermediate_size(config) * itemsize
 
+    def check(self, config) -> None:
+        """Refuse a config transformers would build but not run (a traceback mid-recording)."""
+        E, K = self.num_experts(config), self.top_k(config)
+        if not 1 <= K <= E:
+            raise UserError(f"{self.model_type} config: num_experts_per_tok {K} must be in 1..{E} "
+                            f"({self.experts_key})")
+        H, nh = int(config.hidden_size), int(config.num_attention_heads)
+        nkv = int(getattr(config, "num_key_value_heads", None) or nh)
+        if nh < 1 or nkv < 1 or nh % nkv or (getattr(config, "head_dim", None) is None and H % nh):
+            raise UserError(f"{self.model_type} config: {nh} attention heads and {nkv} key/value heads do not "
+                            f"divide (hidden size {H})")
+
     def moe_layers(self, model) -> list[tuple[int, object]]:
         """[(model layer id, mlp module)] for every sparse MoE block, in layer order."""
         layers = _decoder_layers(model)

@@ -132,6 +132,7 @@ def load_model(name: str = "tiny-mixtral", device: str = "cpu", dtype: str = "au
             raise UserError(f"--num-layers {num_layers}: the model has {config.num_hidden_layers} layers")
         config.num_hidden_layers = int(num_layers)
     adapter = adapter_for(config)
+    adapter.check(config)
     tokenizer, tok_kind = _tokenizer(path, config)
     if kind == "tiny" or random_weights or kind == "builtin-mixtral":
         model = build_random(config, device, tdtype, seed, device_map)
@@ -200,6 +201,14 @@ def build_random(config, device: str, tdtype, seed: int, device_map: str | None 
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=tdtype)
+    if not device_map and str(device) == "cpu":   # the kernel would kill the process, with no message
+        from tracekit.live.store import host_ram_available
+
+        need = sum(p.numel() * p.element_size() for p in model.parameters())
+        avail = host_ram_available()
+        if need > 0.85 * avail:
+            raise UserError(f"the model's weights need {need / 1e9:.1f} GB of host memory but {avail / 1e9:.1f} GB "
+                            f"is available; use --num-layers N, or a GPU (--device cuda)")
     if device_map:
         _materialize_dispatched(model, tdtype, device_map)
     else:

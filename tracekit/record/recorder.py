@@ -74,6 +74,9 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
     if hooks:
         if out is None:
             raise UserError("no output path given")
+        if not isinstance(prompts, (list, tuple)) and prompts is not None and \
+                os.path.realpath(out) == os.path.realpath(prompts):
+            raise UserError(f"{out}: --out names the prompts file; refusing to overwrite it")
         out = check_out_path(out, force)       # fail before loading a model
     t_load = time.perf_counter()
     if loaded is None:
@@ -85,9 +88,14 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
     eos = eos_ids_of(loaded) if eos_token_id is None else (
         {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
     pad = pad_id_of(loaded, eos)
-    token_lists = [list(tok(p)["input_ids"]) for p in prompt_list]
+    token_lists = [list(tok(p, verbose=False)["input_ids"]) for p in prompt_list]  # we check length ourselves
     if any(len(t) == 0 for t in token_lists):
         raise UserError("a prompt tokenizes to zero tokens")
+    ctx = getattr(m.config, "max_position_embeddings", None)
+    for i, t in enumerate(token_lists):
+        if ctx and len(t) + max_new_tokens > ctx:
+            raise UserError(f"prompt {i + 1} ({source}) has {len(t)} tokens; with --max-new-tokens {max_new_tokens} "
+                            f"that exceeds the model's context of {ctx} positions")
 
     rh = writer = None
     if hooks:
@@ -222,6 +230,7 @@ class _Bar:
 
     def __exit__(self, *exc):
         if self.progress is not None:
-            self.progress.update(self.task, total=self.done)
+            if exc[0] is None:                # ended early at EOS: the bar ends full; interrupted: as it stood
+                self.progress.update(self.task, total=self.done)
             self.progress.__exit__(*exc)
         return False
