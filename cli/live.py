@@ -193,7 +193,7 @@ def _print_rows(rows: list, fmt: str) -> None:
     t = Table()
     cols = [("policy", "policy", "{}"), ("C", "capacity", "{}"), ("chunks", "chunks", "{}"),
             ("live tok/s", "live_tok_s", "{:.2f}"), ("pred tok/s", "pred_tok_s", "{:.2f}"),
-            ("pred/live", "ratio_pred_live", "{:.2f}"), ("hit", "hit_rate", "{:.3f}"),
+            ("pred/live", "ratio_pred_live", "{:.2f}"), ("decode hit", "decode_hit_rate", "{:.3f}"),
             ("MB/tok", "bytes_per_token_MB", _mb), ("GB/s", "achieved_GBps", "{:.1f}"),
             ("stall ms/tok", "stall_ms_per_token", "{:.2f}"), ("compute ms/tok", "compute_ms_per_token", "{:.2f}"),
             ("policy ms/tok", "policy_ms_per_token", "{:.3f}"), ("eff", "efficiency", "{:.2f}"),

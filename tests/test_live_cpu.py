@@ -50,9 +50,14 @@ def test_dry_bookkeeping_equals_replay_shared_traces(policy, C):
         spec = P.get(policy)
         want, ctx = _replay(spec, plan, C, tr)
         sh = Shapes(tr.num_layers, tr.num_experts, 8, 8, 8)
-        got = TraceExecutor(sh, C, dry=True).run(spec, plan, C, 2, ctx).counters
-        assert got == want, (path, policy, C)
+        ex = TraceExecutor(sh, C, dry=True)
+        loops = []
+        real_loop = ex._loop
+        ex._loop = lambda *a, **k: loops.append(a[5]) or real_loop(*a, **k)     # a[5]: steps run
+        got = ex.run(spec, plan, C, 2, ctx, warmup_steps=2).counters
+        assert got == want, (path, policy, C)                  # a warm-up run leaves no trace in them
         assert got["transfers"] > 0
+        assert loops == [2, plan.num_steps]   # dry runs warm up too: policy time once included the JIT compile
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "belady", "markov"])

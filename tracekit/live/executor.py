@@ -135,7 +135,7 @@ class TraceExecutor:
             self.worker = self._new_worker()
         elif hybrid is None and self.worker is not None:
             self.close()                  # the ring worker's thread polls while idle: not during other runs
-        if warmup_steps and not self.dry:
+        if warmup_steps:                  # also dry: the policy's JIT compile must not count as its time
             self._loop(spec, plan, capacity, cap, ctx, min(warmup_steps, plan.num_steps), False, hybrid, split)
         return self._loop(spec, plan, capacity, cap, ctx, plan.num_steps, self.timing, hybrid, split)
 
