@@ -356,3 +356,20 @@ def test_prompt_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
     with pytest.raises(UserError, match="bad.jsonl:1"):
         load_prompts(tmp_path / "bad.jsonl")
+
+
+def test_cli_record_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+    from tracekit.cli.app import main
+    from tracekit.record import recorder
+
+    def interrupted(**kw):                    # as a Ctrl-C mid-run leaves it: a flushed partial recording
+        os.makedirs(kw["out"] + ".tmp")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recorder, "record", interrupted)
+    out = str(tmp_path / "t.parquet")
+    with pytest.raises(SystemExit) as ei:
+        main(["record", "--out", out])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert ei.value.code == 130 and err == [f"error: interrupted; the partial trace is kept in {out}.tmp "
+                                            f"(tracekit inspect {out}.tmp)"]    # exited 2 before
