@@ -330,6 +330,8 @@ def test_a_trace_without_decode_steps_has_undefined_not_zero_decode_metrics(tmp_
     png = tmp_path / "c.png"
     r = run_cli("replay", flame, "-p", "lru", "-c", "8", "--plot", png, "-j", "1")    # table + plot: no crash
     assert r.returncode == 0 and "│ lru" in r.stdout and png.exists(), r.stderr
+    r = run_cli("replay", flame, "-p", "trajectory", "-c", "8", "--plot", tmp_path / "na.png", "-j", "1")
+    assert r.returncode == 0 and (tmp_path / "na.png").exists() and "Warning" not in r.stderr, r.stderr  # leaked
     r = run_cli("replay", flame, "-p", "lru", "-c", "8", "--steps", "tokens", "--format", "json", "-j", "1")
     row = json.loads(r.stdout)
     assert row["sim_tokens_per_s"] > 0 and "no decode steps" not in r.stderr

@@ -144,6 +144,7 @@ def write_plot(rows: list[dict], path: str, force: bool) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'tracekit[plot]'") from None
     check_new_file(path, force)
@@ -156,14 +157,21 @@ def write_plot(rows: list[dict], path: str, force: bool) -> None:
             ax = axes[i][j]
             for pol in dict.fromkeys(r["policy"] for r in sub):
                 pts = sorted((r["capacity"], r[key]) for r in sub if r["policy"] == pol and r[key] is not None)
+                if not pts:
+                    continue
                 oracle = pol == "belady"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                         linestyle="--" if oracle else "-", color="black" if oracle else None,
                         linewidth=2.5 if oracle else 1.5, label="belady (MIN bound)" if oracle else pol)
+            if not ax.lines:                  # say why the panel is empty, rather than leave bare axes
+                why = "no decode steps: undefined (see the table's note)" if sub else "no policy could run"
+                ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("expert slots per layer (C)")
             ax.set_ylabel(label)
             ax.set_title(f"{trace}: {label}")
             ax.grid(alpha=0.3)
-        axes[i][0].legend(fontsize=8)
+        if axes[i][0].lines:
+            axes[i][0].legend(fontsize=8)
     fig.tight_layout()
     write_atomically(path, path + ".partial.png", lambda tmp: fig.savefig(tmp, dpi=110))
