@@ -155,26 +155,18 @@ def _calibrate(out: Optional[str], force: bool = False, cpu_threads: Optional[in
           f"FFN 1 token {prof['ffn_ms']['1']} ms, attention {prof['attn_ms']} ms/layer on {prof['card']}")
 
 
-def _nan(v) -> bool:
-    # a figure a run has no value for (e.g. live tok/s under --dry-run)
-    return isinstance(v, float) and v != v
-
-
 def _json(obj) -> str:
-    # strict JSON: such a figure is null
+    # strict JSON: a figure a run has no value for (nan) is null
+    from tracekit.live.compare import is_nan
+
     def clean(v):
-        if _nan(v):
+        if is_nan(v):
             return None
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}
         return [clean(x) for x in v] if isinstance(v, (list, tuple)) else v
 
     return json.dumps(clean(obj), indent=2, allow_nan=False)
-
-
-def _cell(v, f) -> str:
-    # f: a format string, or a function of the value
-    return "-" if _nan(v) else f(v) if callable(f) else f.format(v)
 
 
 def _mb(v: float) -> str:
@@ -188,6 +180,7 @@ def _print_rows(rows: list, fmt: str) -> None:
         return
     from rich.table import Table
 
+    from tracekit.live.compare import cell
     from tracekit.replay.report import wide_console
 
     t = Table()
@@ -205,5 +198,5 @@ def _print_rows(rows: list, fmt: str) -> None:
     for h, _, _ in cols:
         t.add_column(h)
     for r in rows:
-        t.add_row(*[_cell(r[k], f) for _, k, f in cols])
+        t.add_row(*[cell(r[k], f) for _, k, f in cols])
     wide_console().print(t)

@@ -29,17 +29,21 @@ def check_new_files(paths: dict[str, str | None], inputs: list[str], force: bool
     """check_new_file for each named output ({"--out": path, ...}; None: not asked for), and that no two
     name one file and none names an input (which --force must not overwrite either)."""
     seen: dict[str, str] = {}
-    ins = {os.path.realpath(p) for p in inputs if os.path.exists(p)}
     for flag, path in paths.items():
         if not path:
             continue
         real = os.path.realpath(path)
         if real in seen:
             raise UserError(f"{path}: {seen[real]} and {flag} name the same file; give each its own")
-        if real in ins:
-            raise UserError(f"{path}: {flag} names one of the input files; refusing to overwrite it")
+        check_not_input(path, flag, inputs)
         seen[real] = flag
         check_new_file(path, force)
+
+
+def check_not_input(path: str | os.PathLike, flag: str, inputs: list, what: str = "one of the input files") -> None:
+    """Refuse an output path that is one of the command's inputs: --force must not overwrite those either."""
+    if os.path.realpath(path) in {os.path.realpath(p) for p in inputs if p is not None and os.path.exists(p)}:
+        raise UserError(f"{os.fspath(path)}: {flag} names {what}; refusing to overwrite it")
 
 
 def write_atomically(path: str, tmp: str, write: Callable[[str], object]) -> None:

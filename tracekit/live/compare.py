@@ -8,6 +8,16 @@ from tracekit.replay.cost import Profile, interp, load_profile
 from tracekit.replay.engine import replay_one
 
 
+def is_nan(v) -> bool:
+    # a figure a run has no value for (e.g. live tok/s under --dry-run, anything with no decode tokens)
+    return isinstance(v, float) and v != v
+
+
+def cell(v, f) -> str:
+    # v for a table or log: "-" where there is no figure; f a format string, or a function of the value
+    return "-" if is_nan(v) else f(v) if callable(f) else f.format(v)
+
+
 def load_with_extras(name_or_path: str) -> tuple[Profile, dict]:
     """load_profile plus the raw JSON (for keys replay ignores, such as h2d_chunk_GBps)."""
     import json

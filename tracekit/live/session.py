@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from tracekit.errors import UserError
-from tracekit.live.compare import load_with_extras, predict, profile_for, row
+from tracekit.live.compare import cell, load_with_extras, predict, profile_for, row
 from tracekit.live.executor import MIXTRAL, Shapes, TraceExecutor, make_context
 from tracekit.live.ffn import chunk_rows
 from tracekit.live.store import ExpertStore, layers_that_fit
@@ -128,12 +128,10 @@ def _one(ex, spec, plan, tr, C, cap, p, shapes, hy, trace_path, log) -> dict:
     r["pred_cpu_busy_s_all_steps"] = rep.cpu_busy_s
     live_s = "- (dry run)" if ex.dry else f"{r['live_tok_s']:.2f} tok/s"
     eff = "" if ex.dry else f", eff {r['efficiency']:.2f}"
-    def num(v, f="{:.3f}"):                  # "-" where there is no figure (no decode tokens)
-        return "-" if v != v else f.format(v)
-
     log(f"{r['trace']} C={C} chunks={len(ex.rows)} {spec.name}{' hybrid' if hy else ''}{' split' if split else ''}: live "
-        f"{live_s}, pred {num(tok_s, '{:.2f}')}, decode hit {num(r['decode_hit_rate'])} over {r['decode_tokens']} "
-        f"decode tokens, cpu share {num(r['cpu_share'], '{:.2f}')}{eff}, equal={r['bookkeeping_equal']}")
+        f"{live_s}, pred {cell(tok_s, '{:.2f}')}, decode hit {cell(r['decode_hit_rate'], '{:.3f}')} over "
+        f"{r['decode_tokens']} decode tokens, cpu share {cell(r['cpu_share'], '{:.2f}')}{eff}, "
+        f"equal={r['bookkeeping_equal']}")
     return r
 
 

@@ -57,6 +57,7 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
     background: encode Parquet parts on a writer thread. None = only when hidden states are recorded:
     routing-only parts are small, and a writer thread competes with generation for the GIL.
     """
+    from tracekit.outfiles import check_not_input
     from tracekit.record.adapters import adapter_for
     from tracekit.record.generate import generate_batch
     from tracekit.record.hooks import RoutingHooks, parse_hidden
@@ -74,9 +75,8 @@ def record(model: str = "tiny-mixtral", out: str | os.PathLike | None = None, *,
     if hooks:
         if out is None:
             raise UserError("no output path given")
-        if not isinstance(prompts, (list, tuple)) and prompts is not None and \
-                os.path.realpath(out) == os.path.realpath(prompts):
-            raise UserError(f"{out}: --out names the prompts file; refusing to overwrite it")
+        if not isinstance(prompts, (list, tuple)):
+            check_not_input(out, "--out", [prompts], "the prompts file")
         out = check_out_path(out, force)       # fail before loading a model
     t_load = time.perf_counter()
     if loaded is None:
