@@ -220,7 +220,8 @@ def test_cli_dry_run_json(capsys):
 
 
 def test_live_table_cells():
-    from tracekit.cli.live import _cell, _mb
+    from tracekit.cli.live import _mb
+    from tracekit.live.compare import cell as _cell
 
     assert [_cell(v, _mb) for v in (27523.4, 150.0, 0.03125, 0.0, float("nan"))] == ["27523", "150", "0.0312", "0",
                                                                                        "-"]
